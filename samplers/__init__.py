@@ -1,0 +1,14 @@
+"""difftools' sampler library: training-free fast samplers for any diffusion model.
+
+Needs only torch and :mod:`difftools.process`::
+
+    from difftools.process import VP, Flow, EDM
+    from samplers import ModelFn, sample
+    mf = ModelFn(net, VP(), prediction="eps")
+    x0 = sample(mf, torch.randn(16, 3, 32, 32), solver="dpmpp_2m", steps=10)
+"""
+
+from samplers.model import ModelFn
+from samplers.sampling import sample
+
+__all__ = ["ModelFn", "sample"]
