@@ -1,0 +1,140 @@
+"""Dataset plumbing shared by every source: info record, root lookup, in-memory array dataset, resizing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESIZE_MODES = ("pad", "nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its data: channels, (square) image size, classes."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def data_roots(root: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for dataset files, in order: ``root`` if given, else $DIFFTOOLS_DATA, else
+    ``../shared/data`` next to the repository and next to the current directory."""
+    if root is not None:
+        return [Path(root).expanduser()]
+    if os.environ.get("DIFFTOOLS_DATA"):
+        return [Path(os.environ["DIFFTOOLS_DATA"]).expanduser()]
+    roots = [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return list(dict.fromkeys(p.resolve() for p in roots))
+
+
+def missing(dataset: str, expected: list[Path], what: str) -> FileNotFoundError:
+    """The error for absent dataset files: every path tried and how to provide the data."""
+    tried = "\n  ".join(str(p) for p in expected)
+    return FileNotFoundError(
+        f"{dataset}: no {what} found. Looked for:\n  {tried}\n"
+        f"Put the files there, or point to their folder with root=... (Hydra: data.root=...) or the "
+        f"DIFFTOOLS_DATA environment variable (the folder that holds {dataset}/). See "
+        f"../shared/data/SOURCES.md for the expected files."
+    )
+
+
+def resize_uint8(images: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize uint8 images [N, H, W, C] to [N, size, size, C].
+
+    ``pad`` centres the image on a zero (black) canvas (MNIST 28 -> 32, as LeNet did) and falls back
+    to antialiased bilinear when shrinking; the interpolating modes use torch in float and round.
+    """
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
+    if mode == "pad" and size >= max(h, w):
+        out = np.zeros((n, size, size, c), dtype=np.uint8)
+        top, left = (size - h) // 2, (size - w) // 2
+        out[:, top : top + h, left : left + w] = images
+        return out
+    resized = resize_float(
+        torch.from_numpy(images).permute(0, 3, 1, 2).float(), size, "bilinear" if mode == "pad" else mode
+    )
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def resize_float(x: torch.Tensor, size: int, mode: str, chunk: int = 4096) -> torch.Tensor:
+    """Resize a float batch [N, C, H, W] in chunks (bounded memory); antialias when shrinking."""
+    if mode == "nearest":
+        kw = dict(mode="nearest-exact")
+    else:
+        kw = dict(mode=mode, align_corners=False, antialias=size < x.shape[-1])
+    return torch.cat(
+        [F.interpolate(x[i : i + chunk], size=(size, size), **kw) for i in range(0, len(x), chunk)]
+    )
+
+
+def flip_key(key) -> tuple[int, bool | None]:
+    """A sampler key is an index, or (index, flip) from :class:`~difftools.data.loader.ResumableSampler`."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), bool(key[1])
+    return int(key), None
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as one tensor [N, C, H, W] (uint8 0..255, or float in [0, 1]) plus labels.
+
+    Items are ``(x float32 [C, H, W] in [-1, 1], label int)`` with x = 2 * pixel / 255 - 1. With
+    ``random_flip`` each item is mirrored left-right with probability 1/2: the decision comes from
+    the key when the sampler supplies ``(index, flip)`` (reproducible and resumable, see
+    :mod:`difftools.data.loader`), else from torch's global RNG.
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, random_flip: bool = False
+    ):
+        if images.ndim != 4 or images.shape[1] != info.channels:
+            raise ValueError(
+                f"{info.name}: expected images [N, {info.channels}, H, W], got {tuple(images.shape)}"
+            )
+        if len(images) != len(labels):
+            raise ValueError(f"{info.name}: {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.info = info
+        self.random_flip = random_flip
+        self._scale = 2.0 / 255.0 if images.dtype == torch.uint8 else 2.0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, flip = flip_key(key)
+        x = self.images[index].float() * self._scale - 1.0
+        if self.random_flip:
+            if flip is None:
+                flip = bool(torch.rand(()) < 0.5)
+            if flip:
+                x = x.flip(-1)
+        return x, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (
+            f"{type(self).__name__}({i.name}, n={len(self)}, {i.channels}x{i.image_size}x{i.image_size}, "
+            f"classes={i.num_classes}, random_flip={self.random_flip})"
+        )
+
+
+def nhwc_uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[N, H, W, C] uint8 numpy -> contiguous [N, C, H, W] uint8 tensor."""
+    out = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    # arrays read with np.frombuffer are read-only; torch wants writable memory
+    return torch.from_numpy(out if out.flags.writeable else out.copy())

@@ -1,0 +1,283 @@
+"""Training, caching and scoring of the metric classifier (:mod:`difftools.models.classifier`).
+
+* :func:`fit_classifier` trains on a toolkit dataset held as one tensor on the device (no loader
+  overhead; a CIFAR-10 model reaches > 80 % test accuracy in well under a minute on one GPU):
+  SGD with Nesterov momentum, linear warm-up then linear decay to zero, label smoothing, random
+  translations (and flips where the data allows). Noise-conditional classifiers see
+  x_t = alpha(t) x0 + sigma(t) eps with t ~ U(0, 1) on the given process.
+* :func:`default_classifier` returns the cached classifier of a dataset (``<cache>/classifiers/``),
+  training it first when it is missing, so metrics never depend on an outside download.
+* :func:`class_accuracy` scores class-conditional samples: the fraction whose predicted class is
+  the class they were sampled for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difftools.metrics.features import ClassifierFeatures, cache_dir, default_device
+from difftools.models.classifier import Classifier, load_classifier
+
+# Presets by dataset: small enough to train on the CPU for the embedded default, and ~1 minute on
+# a GPU for CIFAR-10. flip: horizontal flips are label-preserving for natural images, not digits.
+PRESETS = {
+    "digits": dict(widths=(16, 32, 64), depth=1, epochs=10, batch_size=64, lr=0.05, flip=False, shift=1),
+    "mnist": dict(widths=(32, 64, 128), depth=1, epochs=4, batch_size=256, lr=0.1, flip=False, shift=2),
+    "fashion_mnist": dict(
+        widths=(32, 64, 128), depth=2, epochs=10, batch_size=256, lr=0.1, flip=True, shift=2
+    ),
+    "cifar10": dict(
+        widths=(64, 128, 256, 512), depth=2, epochs=16, batch_size=512, lr=0.2, flip=True, shift=2
+    ),
+}
+DEFAULT_PRESET = dict(widths=(64, 128, 256), depth=2, epochs=10, batch_size=256, lr=0.1, flip=True, shift=2)
+
+
+def preset(dataset: str) -> dict:
+    return dict(PRESETS.get(dataset, DEFAULT_PRESET))
+
+
+def dataset_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x uint8 [N, C, H, W], y long [N]) of a toolkit dataset (items in [-1, 1])."""
+    images = getattr(ds, "images", None)
+    if (
+        isinstance(images, torch.Tensor)
+        and images.dtype == torch.uint8
+        and not getattr(ds, "random_flip", False)
+    ):
+        return images, ds.labels.long()  # ArrayDataset fast path: the stored pixels themselves
+    loader = torch.utils.data.DataLoader(ds, batch_size=1000, shuffle=False, num_workers=0)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        ys.append(torch.as_tensor(y).long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``shift`` pixels (reflect padding, a random crop per image)."""
+    if shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(x.device)
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(x.device)
+    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # [B, H, 1]
+    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # [B, 1, W]
+    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+
+@dataclass
+class FitResult:
+    test_accuracy: float
+    train_seconds: float
+    epochs: int
+    images_per_second: float
+
+
+@torch.no_grad()
+def accuracy(
+    model: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device=None,
+    batch_size: int = 1000,
+    t: float | None = None,
+) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images x (at noise level t for conditional models)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device).float() / 127.5 - 1
+        correct += (model(xb, t).argmax(-1).cpu() == y[i : i + batch_size].cpu()).sum().item()
+    return correct / max(len(x), 1)
+
+
+def fit_classifier(
+    model: Classifier,
+    train_ds,
+    test_ds=None,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    label_smoothing: float = 0.1,
+    warmup: float = 0.15,
+    flip: bool = False,
+    shift: int = 2,
+    process=None,
+    seed: int = 0,
+    device=None,
+    log=print,
+) -> FitResult:
+    """Train ``model`` in place and return its test accuracy (on clean images, t = 0)."""
+    device = torch.device(device) if device is not None else default_device()
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = (t.to(device) for t in dataset_tensors(train_ds))
+    model.to(device).train()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=lr,
+        momentum=momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = max(len(x_train) // batch_size, 1)
+    total = epochs * steps_per_epoch
+    n_warm = max(int(warmup * total), 1)
+    # linear warm-up, then linear decay to zero (the one-cycle shape of Smith & Topin, arXiv 1708.07120)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / n_warm if s < n_warm else max(total - s, 0) / max(total - n_warm, 1)
+    )
+    t0, seen = time.perf_counter(), 0
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x_train), generator=gen).to(device)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            x = x_train[idx].float() / 127.5 - 1
+            if flip:
+                mask = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
+                x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+            x = random_shift(x, shift, gen)
+            t = None
+            if process is not None:
+                t = torch.rand(len(idx), generator=gen).to(device)
+                eps = torch.randn(x.shape, generator=gen).to(device)
+                x = process.marginal(x, eps, t).float()
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x, t)
+            loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(idx)
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.4f}")
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    acc = float("nan")
+    if test_ds is not None:
+        x_test, y_test = dataset_tensors(test_ds)
+        acc = accuracy(model, x_test, y_test, device)
+    return FitResult(
+        test_accuracy=acc, train_seconds=seconds, epochs=epochs, images_per_second=seen / max(seconds, 1e-9)
+    )
+
+
+def save_classifier(
+    path: str | Path,
+    model: Classifier,
+    dataset_info,
+    result: FitResult,
+    config: dict | None = None,
+    process=None,
+) -> Path:
+    """Write the classifier in the project's checkpoint format (``kind: classifier``)."""
+    from difftools.checkpoint import save_checkpoint
+
+    full = dict(config or {})
+    full["result"] = {
+        "test_accuracy": result.test_accuracy,
+        "train_seconds": result.train_seconds,
+        "epochs": result.epochs,
+        "images_per_second": result.images_per_second,
+    }
+    return save_checkpoint(
+        path,
+        model.cpu(),
+        config=full,
+        kind="classifier",
+        process=process,
+        dataset_info=dataset_info,
+        update_latest=False,
+    )
+
+
+def default_classifier_path(dataset: str, image_size: int, cache: str | Path | None = None) -> Path:
+    root = Path(cache) if cache is not None else cache_dir() / "classifiers"
+    return root / f"{dataset}_{image_size}px"
+
+
+def default_classifier(
+    dataset: str = "digits",
+    image_size: int | None = None,
+    root: str | None = None,
+    cache: str | Path | None = None,
+    device=None,
+    log=print,
+) -> ClassifierFeatures:
+    """The cached metric classifier of ``dataset`` at ``image_size``; trained (preset settings,
+    seed 0) and saved there first if it does not exist yet."""
+    from difftools.data import build_dataset
+
+    train = build_dataset(dataset, root=root, split="train", image_size=image_size)
+    size = train.info.image_size
+    path = default_classifier_path(dataset, size, cache)
+    if not (path / "config.yaml").is_file():
+        cfg = preset(dataset)
+        info = train.info
+        model = Classifier(
+            info.channels, size, info.num_classes, cfg["widths"], cfg["depth"], name=f"clf_{dataset}{size}"
+        )
+        test = build_dataset(dataset, root=root, split="test", image_size=image_size)
+        if log is not None:
+            log(f"training the metric classifier for {dataset} ({size}px) -> {path}")
+        res = fit_classifier(
+            model,
+            train,
+            test,
+            epochs=cfg["epochs"],
+            batch_size=cfg["batch_size"],
+            lr=cfg["lr"],
+            flip=cfg["flip"],
+            shift=cfg["shift"],
+            device=device,
+            log=None,
+        )
+        if log is not None:
+            log(f"metric classifier: test accuracy {res.test_accuracy:.4f} in {res.train_seconds:.1f} s")
+        # a private name first, then one rename: concurrent processes may train the same classifier;
+        # the first to finish wins and the others discard theirs
+        mine = path.with_name(f".{path.name}.{os.getpid()}")
+        save_classifier(
+            mine, model, info, res, config={"data": {"name": dataset, "image_size": size}, "train": cfg}
+        )
+        try:
+            os.rename(mine, path)
+        except OSError:
+            shutil.rmtree(mine, ignore_errors=True)
+    model, meta = load_classifier(path)
+    return ClassifierFeatures(
+        model, name=meta["name"], device=device, sha256=meta["weights_sha256"], path=str(path)
+    )
+
+
+@torch.no_grad()
+def class_accuracy(
+    extractor: ClassifierFeatures, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
+    """Fraction of uint8 images [N, C, H, W] whose predicted class equals ``labels``."""
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        pred = extractor.logits(images[i : i + batch_size]).argmax(-1)
+        correct += (pred == labels[i : i + batch_size].cpu()).sum().item()
+    return correct / max(len(images), 1)

@@ -1,0 +1,1 @@
+"""Networks: DiT (dit.py), autoencoders (vae.py), classifiers."""

@@ -1,0 +1,95 @@
+"""diffusers models as ModelFns: ``from_diffusers(model, scheduler_or_config)``.
+
+Parameterisation conversions (t = 0 data, t = 1 noise everywhere in difftools):
+
+* VP schedulers (DDPM/DDIM/DPM-Solver/UniPC/Euler configs with betas): the process is
+  ``VP.from_alphas_cumprod(alphas_cumprod)`` (a :class:`~difftools.process.DiscreteVP`); training
+  index k sits at t = (k+1)/N, so the network is called with timestep N t - 1.
+* Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler`` configs): x_t = (1 - s) x0 + s eps
+  with s = t, i.e. our :class:`~difftools.process.Flow`; the network is called with timestep N t;
+  its output is the velocity eps - x0 (prediction ``flow``). A ``shift`` != 1 in the config only
+  reshapes diffusers' time grid; pass your own ``times`` to :func:`samplers.sample` to mimic it.
+* prediction_type: ``epsilon`` -> ``eps``, ``v_prediction`` -> ``v``, ``sample`` -> ``x0``,
+  ``flow_prediction`` -> ``flow``.
+* Models that learn the variance (out_channels = 2 C, e.g. DiT) are cut to their first C channels.
+
+diffusers is imported lazily, so :mod:`samplers` stays importable with torch alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from difftools.process import VP, Flow
+from samplers.model import ModelFn
+
+_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+
+def _config(scheduler_or_config) -> dict:
+    if isinstance(scheduler_or_config, dict):
+        return dict(scheduler_or_config)
+    cfg = getattr(scheduler_or_config, "config", None)
+    if cfg is None:
+        raise TypeError("from_diffusers needs a diffusers scheduler or its config dict")
+    return dict(cfg)
+
+
+def _is_flow(cfg: dict, scheduler_or_config) -> bool:
+    name = cfg.get("_class_name") or type(scheduler_or_config).__name__
+    return "FlowMatch" in str(name) or bool(cfg.get("use_flow_sigmas", False))
+
+
+def _alphas_cumprod(cfg: dict, scheduler_or_config) -> torch.Tensor:
+    ac = getattr(scheduler_or_config, "alphas_cumprod", None)
+    if ac is not None:
+        return torch.as_tensor(ac, dtype=torch.float64)
+    from diffusers import DDPMScheduler  # builds betas exactly as every diffusers VP scheduler does
+
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "rescale_betas_zero_snr",
+    )
+    return DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg}).alphas_cumprod.to(torch.float64)
+
+
+def from_diffusers(model, scheduler_or_config, prediction: str | None = None) -> ModelFn:
+    """A :class:`ModelFn` for a diffusers ``UNet2DModel``, ``Transformer2DModel`` or
+    ``DiTTransformer2DModel`` (any module called ``model(x, timestep, class_labels=..., return_dict=False)``).
+
+    Args:
+        model: the diffusers network.
+        scheduler_or_config: the scheduler it was trained with, or its config dict.
+        prediction: override the config's ``prediction_type``.
+    Class labels are passed as ``y=`` to :func:`samplers.sample` (mapped to ``class_labels``).
+    """
+    cfg = _config(scheduler_or_config)
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    if _is_flow(cfg, scheduler_or_config):
+        process = Flow()
+        pred = prediction or "flow"
+        time_input = lambda t: t * n_train  # noqa: E731 — diffusers' flow timesteps are sigma * N
+    else:
+        process = VP.from_alphas_cumprod(_alphas_cumprod(cfg, scheduler_or_config))
+        pred = prediction or _PREDICTION.get(cfg.get("prediction_type", "epsilon"))
+        if pred is None:
+            raise ValueError(
+                f"unsupported prediction_type {cfg.get('prediction_type')!r}; known: {sorted(_PREDICTION)}"
+            )
+        time_input = process.timestep
+
+    def net(x: torch.Tensor, timestep: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        if y is not None:
+            kwargs["class_labels"] = y
+        out = model(x.to(dtype), timestep.to(dtype), return_dict=False, **kwargs)[0]
+        channels = x.shape[1]
+        if out.shape[1] == 2 * channels:  # learned variance: keep the mean prediction
+            out = out[:, :channels]
+        return out
+
+    return ModelFn(net, process, pred, time_input=time_input)

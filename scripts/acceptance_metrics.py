@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""GPU acceptance of sampling + evaluation: 10k samples of a CIFAR-10 DiT at 10, 20 and 50 steps,
+each scored by ``fd_<classifier>`` (Fréchet distance in the CIFAR-10 metric classifier's features,
+vs the 50k training images), KID and class accuracy; sampling and feature images/s.
+
+    python scripts/acceptance_metrics.py --ckpt <cifar10 DiT run or checkpoint> --out results/metrics_h100
+    python scripts/acceptance_metrics.py --smoke --out /tmp/metrics_smoke        # CPU, < 1 min
+
+Steps (full run, one H100, budget ~6 min): (1) the CIFAR-10 metric classifier: loaded from the
+cache, else trained (~1 min, > 80 % test accuracy; its accuracy is in the results); (2) reference
+statistics of the train split (cached) and, as the real-data floor, the same distance for the 10k
+test images; (3) per step count: sample (bf16, per-image seeds), score. With ``--inception-weights``
+(or $DIFFTOOLS_FID_WEIGHTS) FID is added. Writes results.json, results.md and grid_<steps>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def smoke_checkpoint(out: Path) -> Path:
+    """A tiny random-weight digits DiT in the checkpoint format (exercises the full code path)."""
+    from difftools.checkpoint import save_checkpoint
+    from difftools.data import build_dataset
+    from difftools.models.dit import DiT
+    from difftools.process import Flow
+
+    torch.manual_seed(0)
+    info = build_dataset("digits", split="test").info
+    model = DiT(
+        input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=10
+    )
+    return save_checkpoint(
+        out / "smoke_ckpt",
+        model,
+        config={"data": {"name": "digits", "image_size": 16}},
+        process=Flow(),
+        prediction="flow",
+        dataset_info=info,
+        update_latest=False,
+    )
+
+
+def timed(fn, *args, **kw):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = fn(*args, **kw)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return res, time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="CIFAR-10 DiT checkpoint / run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (< 1 min)")
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument(
+        "--classifier", default=None, help="classifier checkpoint (default: cached, trained if missing)"
+    )
+    p.add_argument("--inception-weights", default=None, help="also report FID with this weights file")
+    p.add_argument(
+        "--cache", default=None, help="cache root (default $DIFFTOOLS_CACHE or ~/.cache/difftools)"
+    )
+    args = p.parse_args(argv)
+
+    from difftools.checkpoint import load
+    from difftools.metrics.classifier import class_accuracy, dataset_tensors, default_classifier
+    from difftools.metrics.evaluate import dataset_of, score
+    from difftools.metrics.features import ClassifierFeatures, InceptionFeatures
+    from difftools.metrics.fid import float_to_uint8, reference_stats, result
+    from difftools.metrics.generate import SampleSpec, batches, generate
+    from difftools.training.grid import save_grid
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.smoke:
+        args.ckpt = str(smoke_checkpoint(out))
+        args.num_samples, args.steps, args.batch_size = 60, [2, 4], 30
+        args.cache = args.cache or str(out / "cache")
+    if not args.ckpt:
+        p.error("--ckpt is required (or --smoke)")
+    cache = Path(args.cache) if args.cache else None
+    t_start = time.perf_counter()
+    loaded = load(args.ckpt, use_ema=True, device=device)
+    dataset, size, data_cfg = dataset_of(loaded)
+    root = data_cfg.get("root")
+    rec: dict = {
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "dataset": dataset,
+        "image_size": size,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "num_samples": args.num_samples,
+        "runs": [],
+    }
+
+    # (1) the metric classifier
+    if args.classifier:
+        ext, clf_seconds = timed(ClassifierFeatures.from_checkpoint, args.classifier, device=device)
+    else:
+        ext, clf_seconds = timed(
+            default_classifier,
+            dataset,
+            size,
+            root=root,
+            device=device,
+            cache=None if cache is None else cache / "classifiers",
+        )
+    from difftools.data import build_dataset
+
+    test = build_dataset(dataset, root=root, split="test", image_size=size)
+    x_test, y_test = dataset_tensors(test)
+    rec["classifier"] = {
+        "name": ext.name,
+        "path": ext.path,
+        "sha256": ext.sha256,
+        "seconds_load_or_train": clf_seconds,
+        "test_accuracy": class_accuracy(ext, x_test, y_test),
+        "n_test": len(x_test),
+    }
+    print(json.dumps({"classifier": rec["classifier"]}), flush=True)
+
+    # (2) reference statistics + the real-data floor
+    extractors = [ext]
+    if args.inception_weights:
+        extractors.append(InceptionFeatures(args.inception_weights, device=device))
+    refs = {}
+    for e in extractors:
+        ref, sec = timed(
+            reference_stats,
+            dataset,
+            e,
+            split="train",
+            image_size=size,
+            root=root,
+            cache=None if cache is None else cache / "stats",
+            refresh=True,
+        )
+        refs[e.metric] = ref
+        floor = score(x_test, y_test, e, ref)
+        rec.setdefault("reference", {})[e.metric] = {
+            "n": ref.n,
+            "seconds": sec,
+            "feature_images_per_second": ref.n / sec,
+            "sha256": ref.source_sha256,
+            "test_split_floor": {
+                "value": floor[e.metric],
+                "kid": floor["kid"],
+                "n_samples": floor["n_samples"],
+            },
+        }
+    print(json.dumps({"reference": rec["reference"]}), flush=True)
+
+    # (3) sample and score per step count
+    for steps in args.steps:
+        spec = SampleSpec(
+            sampler=args.sampler, steps=steps, guidance_scale=args.guidance_scale, seed=0
+        ).validate()
+        images, labels, nfe = [], [], 0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for idx in batches(range(args.num_samples), args.batch_size):
+            x, y, nfe = generate(loaded, idx, spec, device)
+            images.append(float_to_uint8(x))
+            labels.append(y)
+        seconds = time.perf_counter() - t0
+        images, labels = torch.cat(images), (torch.cat(labels) if labels[0] is not None else None)
+        save_grid(images[:100].float() / 127.5 - 1, out / f"grid_{steps}.png", nrow=10)
+        run = {
+            "sampler": spec.as_dict(),
+            "steps": steps,
+            "nfe": nfe,
+            "sampling_seconds": seconds,
+            "sampling_images_per_second": args.num_samples / seconds,
+            "metrics": {},
+        }
+        for e in extractors:
+            s = score(images, labels, e, refs[e.metric])
+            run["metrics"][e.metric] = {
+                k: s[k]
+                for k in (
+                    e.metric,
+                    "kid",
+                    "n_samples",
+                    "n_reference",
+                    "class_accuracy",
+                    "feature_images_per_second",
+                )
+            }
+        rec["runs"].append(run)
+        print(json.dumps(run), flush=True)
+    rec["total_seconds"] = time.perf_counter() - t_start
+    rec["protocol"] = {m: result(e, refs[m], refs[m])["protocol"] for e in extractors for m in [e.metric]}
+    (out / "results.json").write_text(json.dumps(rec, indent=2, default=str))
+
+    m0 = ext.metric
+    lines = [
+        f"# Sampling + metrics acceptance ({rec['device']})",
+        "",
+        f"Checkpoint `{rec['checkpoint']}` (step {rec['step']}); {dataset} {size}px; reference: train split "
+        f"(n={refs[m0].n}). Metric classifier `{ext.name}`: test accuracy "
+        f"{rec['classifier']['test_accuracy']:.4f} (n={len(x_test)}), {clf_seconds:.1f} s to load/train. "
+        f"Real-data floor ({m0}, {len(x_test)} test images vs train): "
+        f"{rec['reference'][m0]['test_split_floor']['value']:.4f}. Classifier feature throughput on the "
+        f"train split: {rec['reference'][m0]['feature_images_per_second']:.0f} images/s.",
+        "",
+        f"| sampler | steps | NFE | n | {m0} | KID | class acc. | sampling img/s | feature img/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rec["runs"]:
+        m = r["metrics"][m0]
+        lines.append(
+            f"| {args.sampler} (w={args.guidance_scale}) | {r['steps']} | {r['nfe']} | {m['n_samples']} | "
+            f"{m[m0]:.4f} | {m['kid']:.5f} | {m['class_accuracy']:.4f} | "
+            f"{r['sampling_images_per_second']:.0f} | {m['feature_images_per_second']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Total {rec['total_seconds']:.0f} s. Command: `python scripts/acceptance_metrics.py "
+        f"--ckpt {args.ckpt} --out {args.out}" + (" --smoke" if args.smoke else "") + "`",
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rec
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Cost of the SRA² alignment branch: analytic FLOPs ratio and measured training-step-time ratio.
+
+    python scripts/bench_align.py --model DiT-S/2 --input-size 32 --in-channels 4 --batch 256   # GPU
+    python scripts/bench_align.py --model DiT-S/2 --input-size 8 --in-channels 32 --batch 16 \\
+        --repeats 5 --steps 3 --threads 1                                                      # CPU
+
+Analytic: projector forward FLOPs per image / DiT forward FLOPs per image (``model.flops_per_image``;
+a multiply-add = 2 FLOPs). The backward of each costs about twice its forward, so the ratio holds
+for a training step. Measured: full training steps (forward, backward, AdamW) of the same model with
+the plain denoising loss and with the aligned loss, in alternating blocks of ``--steps`` steps so
+that drifts of the machine hit both alike; the overhead is the median over blocks of
+aligned / vanilla - 1. bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from difftools.losses import build_loss  # noqa: E402
+from difftools.losses.alignment import alignment_flops_overhead, projector_flops  # noqa: E402
+from difftools.models.dit import dit_from_preset  # noqa: E402
+from difftools.process import make_process  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiT-S/2")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--in-channels", type=int, default=4)
+    p.add_argument("--patch", type=int, default=None, help="override the preset's patch size")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--align-depth", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=7, help="timed blocks per variant (alternating)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the result JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    kw = {"patch_size": args.patch} if args.patch else {}
+    if args.patch:
+        from difftools.models.dit import DiT, parse_preset
+
+        hidden, depth, heads, _ = parse_preset(args.model)
+        model = DiT(args.input_size, args.in_channels, args.patch, hidden, depth, heads, num_classes=10)
+    else:
+        model = dit_from_preset(args.model, input_size=args.input_size, in_channels=args.in_channels, **kw)
+    model = model.to(device).train()
+    process = make_process("flow")
+    plain = build_loss({"prediction": "flow"}, model, process).to(device)
+    aligned = build_loss(
+        {"prediction": "flow", "align": {"weight": 1.0, "depth": args.align_depth}}, model, process
+    ).to(device)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(aligned.parameters()), lr=1e-4)
+    x0 = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def step(loss_fn):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = loss_fn(model, x0, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def block(loss_fn, n):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(loss_fn)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
+
+    block(plain, args.warmup)
+    block(aligned, args.warmup)
+    times = {"vanilla": [], "aligned": []}
+    ratios = []
+    for _ in range(args.repeats):
+        tv = block(plain, args.steps)
+        ta = block(aligned, args.steps)
+        times["vanilla"].append(tv)
+        times["aligned"].append(ta)
+        ratios.append(ta / tv)
+    result = {
+        "model": args.model,
+        "patch": model.patch_size,
+        "tokens": model.num_tokens,
+        "latent": [args.in_channels, args.input_size, args.input_size],
+        "batch": args.batch,
+        "align_depth": args.align_depth,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "dit_gflops_per_image": model.flops_per_image() / 1e9,
+        "projector_gflops_per_image": projector_flops(aligned.projector, model.num_tokens) / 1e9,
+        "flops_overhead_analytic": alignment_flops_overhead(model, aligned.projector),
+        "step_ms_vanilla": 1e3 * statistics.median(times["vanilla"]),
+        "step_ms_aligned": 1e3 * statistics.median(times["aligned"]),
+        "step_time_overhead": statistics.median(ratios) - 1.0,
+        "command": "python scripts/bench_align.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Sample a trained checkpoint, save the images, and score them.
+
+    python scripts/sample.py ckpt=<checkpoint dir> sampler=<name> steps=<n> guidance.scale=<w> \
+        num_samples=<n> seed=<s>
+    accelerate launch --num_processes <gpus> scripts/sample.py ...      # shards indices over GPUs
+
+Config: conf/sample.yaml. Loads the EMA weights and the run config (difftools.checkpoint.load),
+draws image i from its own seed with label i mod num_classes (class-balanced; so the samples do
+not depend on batch size or GPU count), and writes to ``out`` (default Hydra's run dir):
+
+* ``images/NNNNNN.png`` (save.png), ``samples.npz`` with ``images`` uint8 [N, H, W, C], ``labels``,
+  ``indices`` (save.npz), ``grid.png`` (save.grid): one class per column;
+* ``metrics.json``: per feature space the distance to the training set (``fd_<classifier>``, or
+  ``fid`` with Inception weights) with KID, n and protocol; class accuracy; NFE; sampler settings;
+  seconds and images/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+
+def shard_indices(num_samples: int, rank: int, world: int) -> list[int]:
+    """Indices drawn by process ``rank`` of ``world`` (strided, so every shard is class-balanced)."""
+    return list(range(rank, num_samples, world))
+
+
+def sample_indices(loaded, indices: list[int], spec, batch_size: int, device, progress: bool = False):
+    """(uint8 images [n, C, H, W], labels or None, NFE per image) for ``indices``."""
+    from difftools.metrics.fid import float_to_uint8
+    from difftools.metrics.generate import batches, generate
+
+    images, labels, nfe = [], [], 0
+    for idx in tqdm(list(batches(indices, batch_size)), desc="sampling", unit="batch", disable=not progress):
+        x, y, nfe = generate(loaded, idx, spec, device)
+        images.append(float_to_uint8(x))
+        if y is not None:
+            labels.append(y)
+    empty = torch.empty(
+        0, loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size, dtype=torch.uint8
+    )
+    return (torch.cat(images) if images else empty), (torch.cat(labels) if labels else None), nfe
+
+
+def write_png(folder: Path, indices: list[int], images: torch.Tensor) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in zip(indices, images.permute(0, 2, 3, 1).numpy(), strict=False):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
+
+
+def build_spec(cfg: DictConfig):
+    from difftools.metrics.generate import SampleSpec
+
+    return SampleSpec(
+        sampler=str(cfg.sampler),
+        steps=int(cfg.steps),
+        schedule=str(cfg.schedule),
+        guidance_scale=float(cfg.guidance.scale),
+        guidance=str(cfg.guidance.kind),
+        guidance_opts=OmegaConf.to_container(cfg.guidance.opts, resolve=True),
+        seed=int(cfg.seed),
+        class_label=cfg.class_label,
+        sampler_opts=OmegaConf.to_container(cfg.sampler_opts, resolve=True),
+        precision=str(cfg.precision),
+    ).validate()
+
+
+def run(cfg: DictConfig, out: str | Path) -> dict | None:
+    """Everything but Hydra: sample this process's shard, merge on the main process, score, write."""
+    from accelerate import PartialState
+
+    from difftools.checkpoint import load, resolve_checkpoint
+    from difftools.metrics.evaluate import build_features, dataset_of, score
+    from difftools.metrics.fid import reference_stats
+
+    spec = build_spec(cfg)  # unknown sampler, steps < 1: fail before any work
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    if int(cfg.num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
+    state = PartialState()
+    device = torch.device(cfg.device) if cfg.device else state.device
+    out = Path(out)
+    loaded = load(ckpt, use_ema=True, device=device)
+    mine = shard_indices(int(cfg.num_samples), state.process_index, state.num_processes)
+    t0 = time.perf_counter()
+    images, labels, nfe = sample_indices(
+        loaded, mine, spec, int(cfg.batch_size), device, progress=bool(cfg.progress) and state.is_main_process
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    if cfg.save.png:
+        write_png(out / "images", mine, images)
+    shard = out / f".shard_{state.process_index}.pt"
+    if state.num_processes > 1:
+        torch.save(
+            {"indices": torch.tensor(mine), "images": images, "labels": labels, "seconds": seconds}, shard
+        )
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    seconds_all = [seconds]
+    if state.num_processes > 1:  # merge the shards back into index order
+        parts = [torch.load(out / f".shard_{r}.pt", weights_only=True) for r in range(state.num_processes)]
+        order = torch.cat([p["indices"] for p in parts]).argsort()
+        images = torch.cat([p["images"] for p in parts])[order]
+        labels = None if labels is None else torch.cat([p["labels"] for p in parts])[order]
+        seconds_all = [p["seconds"] for p in parts]
+        for r in range(state.num_processes):
+            (out / f".shard_{r}.pt").unlink()
+    n = len(images)
+    files = ["metrics.json"]
+    if cfg.save.npz:
+        np.savez(
+            out / "samples.npz",
+            images=images.permute(0, 2, 3, 1).numpy(),
+            labels=(labels if labels is not None else torch.full((n,), -1)).numpy(),
+            indices=np.arange(n),
+        )
+        files.append("samples.npz")
+    if cfg.save.grid:
+        from difftools.training.grid import save_grid
+
+        k = min(int(cfg.save.grid_size), n)
+        classes = getattr(loaded.model, "num_classes", 0)
+        nrow = classes if classes and cfg.class_label is None and k >= classes else max(int(math.sqrt(k)), 1)
+        save_grid(images[:k].float() / 127.5 - 1, out / "grid.png", nrow=nrow)
+        files.append("grid.png")
+    if cfg.save.png:
+        files.append(f"images/ ({n} PNG)")
+    sampling_seconds = max(seconds_all)  # processes run in parallel
+    rec = {
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "num_samples": n,
+        "world_size": state.num_processes,
+        "batch_size": int(cfg.batch_size),
+        "device": str(device),
+        "sampler": spec.as_dict(),
+        "nfe": nfe,
+        "sampling_seconds": sampling_seconds,
+        "images_per_second": n / max(sampling_seconds, 1e-9),
+        "class_accuracy": None,
+        "metrics": {},
+        "files": files,
+    }
+    m = cfg.metrics
+    if m.enabled:
+        if m.dataset:
+            dataset, size, root = str(m.dataset), m.image_size or loaded.model.input_size, m.data_root
+        else:
+            dataset, size, data_cfg = dataset_of(loaded)
+            size, root = m.image_size or size, m.data_root or data_cfg.get("root")
+        rec["reference"] = f"{dataset}/{m.reference_split}/{size}px"
+        for feats in m.features:
+            ext = build_features(
+                str(feats),
+                dataset,
+                int(size),
+                device=device,
+                root=root,
+                weights=m.inception_weights,
+                allow_download=bool(m.allow_download),
+            )
+            ref = reference_stats(
+                dataset,
+                ext,
+                split=str(m.reference_split),
+                image_size=int(size),
+                root=root,
+                progress=bool(cfg.progress),
+            )
+            s = score(images, labels, ext, ref, with_kid=bool(m.kid), name=str(out))
+            rec["metrics"][s["metric"]] = s
+            rec[s["metric"]] = s[s["metric"]]
+            if s["class_accuracy"] is not None and rec["class_accuracy"] is None:
+                rec["class_accuracy"] = s["class_accuracy"]
+                rec["class_accuracy_classifier"] = s["protocol"].get("classifier")
+    (out / "metrics.json").write_text(json.dumps(rec, indent=2, default=str))
+    summary = {k: rec[k] for k in ("num_samples", "nfe", "images_per_second", "class_accuracy") if k in rec}
+    summary.update({k: rec[k] for k in rec["metrics"]})
+    print(json.dumps(summary))
+    return rec
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    from hydra.core.hydra_config import HydraConfig
+
+    from difftools.checkpoint import CheckpointError
+
+    PartialState()  # set up the process group (under accelerate launch) before broadcasting
+    try:
+        # every process writes into the main process's folder (Hydra's timestamp may differ per process)
+        out = cfg.out or broadcast_object_list([HydraConfig.get().runtime.output_dir])[0]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        run(cfg, out)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

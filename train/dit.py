@@ -1,0 +1,98 @@
+"""Train a DiT with a denoising loss: ``python train/dit.py [group=option ...] [key=value ...]``.
+
+Hydra lives only here; everything below it is the plain-Python library. Config: conf/dit.yaml
+(groups model/ data/ process/ vae/ trainer/). Several GPUs: ``accelerate launch train/dit.py ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as _instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("train.dit")
+
+
+def instantiate(node, **kw):
+    """hydra.utils.instantiate, re-raising the library's own error (e.g. FileNotFoundError for
+    missing data) instead of Hydra's wrapper, so the message the user sees is the clear one."""
+    try:
+        return _instantiate(node, **kw)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
+
+
+def build_run(cfg: DictConfig):
+    """Dataset, autoencoder, model, process and loss from the config (no training yet)."""
+    from difftools.losses import build_loss
+    from difftools.models.vae import build_autoencoder
+
+    dataset = instantiate(cfg.data)
+    info = dataset.info
+    vae_cfg = OmegaConf.to_container(cfg.vae, resolve=True)
+    if vae_cfg.get("name", "identity") == "identity":
+        vae_cfg["channels"] = info.channels
+    autoencoder = build_autoencoder(**vae_cfg)
+    if hasattr(dataset, "check_autoencoder"):  # cached latents: same autoencoder, the cache's scale
+        dataset.check_autoencoder(autoencoder)
+        shape = (info.channels, info.image_size, info.image_size)
+    else:
+        shape = autoencoder.latent_shape((info.channels, info.image_size, info.image_size))
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+    model = instantiate(cfg.model, input_size=shape[1], in_channels=shape[0], num_classes=info.num_classes)
+    process = instantiate(cfg.process)
+    loss_fn = build_loss(cfg.loss, model, process, autoencoder)
+    return dataset, autoencoder, model, process, loss_fn
+
+
+def evaluate(checkpoint, cfg_eval: DictConfig):
+    """Final evaluation hook: ``difftools.metrics.evaluate.evaluate_checkpoint(ckpt, **eval)``.
+
+    Runs when ``eval.enabled`` and the metrics module is present; prints and returns its dict.
+    """
+    if not cfg_eval.enabled:
+        return None
+    try:
+        from difftools.metrics.evaluate import evaluate_checkpoint
+    except ImportError:
+        log.warning("eval.enabled=true but difftools.metrics.evaluate is not available: skipped")
+        return None
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg_eval, resolve=True).items() if k != "enabled"}
+    metrics = evaluate_checkpoint(checkpoint, **kwargs)
+    print(json.dumps(metrics))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="dit")
+def main(cfg: DictConfig) -> float:
+    from accelerate.utils import broadcast_object_list
+
+    from difftools.training import Trainer, TrainerConfig
+    from difftools.training.trainer import make_accelerator
+
+    tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    accelerator = make_accelerator(tcfg)
+    # every rank must write to rank 0's run directory (Hydra's timestamp may differ by a second)
+    out_dir = broadcast_object_list([HydraConfig.get().runtime.output_dir])[0]
+    dataset, autoencoder, model, process, loss_fn = build_run(cfg)
+    trainer = Trainer(model, loss_fn, dataset, tcfg, out_dir, process=process, prediction=cfg.loss.prediction,
+                      autoencoder=autoencoder, run_config=OmegaConf.to_container(cfg, resolve=True),
+                      accelerator=accelerator)
+    result = trainer.train()
+    if trainer.is_main:
+        log.info("done: step %d, final loss %.5f, %.1f s; checkpoint %s; samples %s", result.step,
+                 result.final_loss, result.seconds, result.checkpoint, result.grid)
+        evaluate(result.checkpoint, cfg.eval)
+    return result.final_loss
+
+
+if __name__ == "__main__":
+    main()
