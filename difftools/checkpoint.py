@@ -243,12 +243,15 @@ def read_latest(root: str | os.PathLike) -> Path | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint directory, a ``checkpoints/`` folder with ``latest``, or a run directory."""
+    """Accept a checkpoint directory, a ``checkpoints/`` folder with ``latest`` (or that pointer file), or a
+    run directory."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path} does not exist")
     if (path / CONFIG_FILE).is_file() or (path / MODEL_FILE).is_file():
         return path
+    if path.is_file() and path.name == LATEST_FILE:  # `checkpoints/latest`, the pointer file itself
+        path = path.parent
     for root in (path, path / "checkpoints"):
         target = read_latest(root)
         if target is not None:

@@ -111,8 +111,10 @@ class NoiseProcess(ABC):
 
         * eps:  x0 = (x_t - sigma eps) / alpha
         * x0:   eps = (x_t - alpha x0) / sigma
-        * v:    x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2),  eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)
-        * flow: solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; u] (determinant alpha sigma' - sigma alpha')
+        * v:    x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2),
+                eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)
+        * flow: solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; u]
+                (determinant alpha sigma' - sigma alpha')
         """
         t = as_time(t, x_t)
         a, s = broadcast_to(self.alpha(t), x_t), broadcast_to(self.sigma(t), x_t)
@@ -182,7 +184,8 @@ class NoiseProcess(ABC):
             t = torch.sigmoid((0.0 if mean is None else mean) + (1.0 if std is None else std)
                               * torch.randn(n, **kw))
         elif distribution == "edm_lognormal":
-            log_sigma = (-1.2 if mean is None else mean) + (1.2 if std is None else std) * torch.randn(n, **kw)
+            p_mean, p_std = (-1.2 if mean is None else mean), (1.2 if std is None else std)
+            log_sigma = p_mean + p_std * torch.randn(n, **kw)
             t = self.t_of_lambda(-log_sigma.double()).float()
         else:
             raise ValueError(f"unknown t distribution {distribution!r}; expected uniform, logit_normal "
@@ -374,7 +377,8 @@ class EDM(NoiseProcess):
     """
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
-        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_data = float(sigma_data)
 
     @property
     def t_min(self) -> float:

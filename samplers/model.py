@@ -75,4 +75,5 @@ class ModelFn:
     __call__ = predict
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(prediction={self.prediction!r}, process={self.process!r}, nfe={self.nfe})"
+        name = type(self).__name__
+        return f"{name}(prediction={self.prediction!r}, process={self.process!r}, nfe={self.nfe})"

@@ -166,6 +166,44 @@ def main(argv=None) -> dict:
         }
     print(json.dumps({"reference": rec["reference"]}), flush=True)
 
+    def report() -> list[str]:
+        """Write results.json and results.md for the step counts finished so far."""
+        rec["total_seconds"] = time.perf_counter() - t_start
+        rec["protocol"] = {
+            e.metric: result(e, refs[e.metric], refs[e.metric])["protocol"] for e in extractors
+        }
+        (out / "results.json").write_text(json.dumps(rec, indent=2, default=str))
+        m0 = ext.metric
+        lines = [
+            f"# Sampling + metrics acceptance ({rec['device']})",
+            "",
+            f"Checkpoint `{rec['checkpoint']}` (step {rec['step']}); {dataset} {size}px; "
+            "reference: train split "
+            f"(n={refs[m0].n}). Metric classifier `{ext.name}`: test accuracy "
+            f"{rec['classifier']['test_accuracy']:.4f} (n={len(x_test)}), {clf_seconds:.1f} s to load/train. "
+            f"Real-data floor ({m0}, {len(x_test)} test images vs train): "
+            f"{rec['reference'][m0]['test_split_floor']['value']:.4f}. Classifier feature throughput on the "
+            f"train split: {rec['reference'][m0]['feature_images_per_second']:.0f} images/s.",
+            "",
+            f"| sampler | steps | NFE | n | {m0} | KID | class acc. | sampling img/s | feature img/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rec["runs"]:
+            m = r["metrics"][m0]
+            lines.append(
+                f"| {args.sampler} (w={args.guidance_scale}) | {r['steps']} | {r['nfe']} | "
+                f"{m['n_samples']} | "
+                f"{m[m0]:.4f} | {m['kid']:.5f} | {m['class_accuracy']:.4f} | "
+                f"{r['sampling_images_per_second']:.0f} | {m['feature_images_per_second']:.0f} |"
+            )
+        lines += [
+            "",
+            f"Total {rec['total_seconds']:.0f} s. Command: `python scripts/acceptance_metrics.py "
+            f"--ckpt {args.ckpt} --out {args.out}" + (" --smoke" if args.smoke else "") + "`",
+        ]
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+        return lines
+
     # (3) sample and score per step count
     for steps in args.steps:
         spec = SampleSpec(
@@ -205,37 +243,8 @@ def main(argv=None) -> dict:
             }
         rec["runs"].append(run)
         print(json.dumps(run), flush=True)
-    rec["total_seconds"] = time.perf_counter() - t_start
-    rec["protocol"] = {m: result(e, refs[m], refs[m])["protocol"] for e in extractors for m in [e.metric]}
-    (out / "results.json").write_text(json.dumps(rec, indent=2, default=str))
-
-    m0 = ext.metric
-    lines = [
-        f"# Sampling + metrics acceptance ({rec['device']})",
-        "",
-        f"Checkpoint `{rec['checkpoint']}` (step {rec['step']}); {dataset} {size}px; reference: train split "
-        f"(n={refs[m0].n}). Metric classifier `{ext.name}`: test accuracy "
-        f"{rec['classifier']['test_accuracy']:.4f} (n={len(x_test)}), {clf_seconds:.1f} s to load/train. "
-        f"Real-data floor ({m0}, {len(x_test)} test images vs train): "
-        f"{rec['reference'][m0]['test_split_floor']['value']:.4f}. Classifier feature throughput on the "
-        f"train split: {rec['reference'][m0]['feature_images_per_second']:.0f} images/s.",
-        "",
-        f"| sampler | steps | NFE | n | {m0} | KID | class acc. | sampling img/s | feature img/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rec["runs"]:
-        m = r["metrics"][m0]
-        lines.append(
-            f"| {args.sampler} (w={args.guidance_scale}) | {r['steps']} | {r['nfe']} | {m['n_samples']} | "
-            f"{m[m0]:.4f} | {m['kid']:.5f} | {m['class_accuracy']:.4f} | "
-            f"{r['sampling_images_per_second']:.0f} | {m['feature_images_per_second']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Total {rec['total_seconds']:.0f} s. Command: `python scripts/acceptance_metrics.py "
-        f"--ckpt {args.ckpt} --out {args.out}" + (" --smoke" if args.smoke else "") + "`",
-    ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+        # Rewritten after every step count, so a run stopped by a time limit keeps what it finished.
+        lines = report()
     print("\n".join(lines))
     return rec
 

@@ -347,7 +347,7 @@ def profile_steps(step, device, n: int, out_dir: Path | None, label: str) -> dic
     return summary
 
 
-def run_combo(combo: Combo, args, device, loss_fn, reference, profile_out=None) -> Row:
+def run_combo(combo: Combo, args, device, loss_fn, reference, profile: bool = False) -> Row:
     row = Row(combo)
     objs = None
     counters.clear()
@@ -380,9 +380,9 @@ def run_combo(combo: Combo, args, device, loss_fn, reference, profile_out=None) 
             row.step_ms = ms
             row.images_per_s = args.batch * 1000 / ms
             row.mfu = 3 * flops * row.images_per_s / (PEAK_TFLOPS * 1e12)
-            if profile_out is not None:
+            if profile:
                 try:  # a profiler failure (e.g. no CUPTI) must not cost the timed row
-                    row.extra["profile"] = profile_steps(step, device, args.profile_steps, profile_out,
+                    row.extra["profile"] = profile_steps(step, device, args.profile_steps, args.out,
                                                          combo.key())
                 except Exception as err:
                     traceback.print_exc()
@@ -757,9 +757,9 @@ def main(argv=None) -> list[Row]:
             continue
         is_main = (combo.impl == "difftools" and combo.model == args.main_model and combo.variant == "default"
                    and combo.input == args.main_input and combo.backend == "sdpa" and combo.mode == "compile")
-        prof_out = (args.out or Path("/tmp")) if is_main and args.profile_steps > 0 else None
         with _Deadline(deadline):
-            row = run_combo(combo, args, device, loss_fn, reference, profile_out=prof_out)
+            row = run_combo(combo, args, device, loss_fn, reference,
+                            profile=is_main and args.profile_steps > 0)
         row.compile_s = info.get("compile_s")
         if "error" in info and combo.mode == "compile":
             row.extra["precompile"] = info["error"]

@@ -51,12 +51,9 @@ def saturation_stats(x: torch.Tensor) -> dict:
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."""
-    from scipy import linalg
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(ca @ cb, disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(covmean))
+    from difftools.metrics.fid import fd, gaussian_fit
+
+    return fd(gaussian_fit(a), gaussian_fit(b))
 
 
 class Scorer:

@@ -123,17 +123,13 @@ def build_features(args, device, name, size):
 
 
 def frechet(feats: torch.Tensor, ref) -> float:
-    from difftools.metrics.fid import Stats, fd
+    from difftools.metrics.fid import fd, gaussian_fit
 
     f = feats.double().numpy()
-    import numpy as np
-
-    mine = Stats(mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=len(f))
     if ref is None:  # smoke: distance between the two halves (still a real Fréchet computation)
         h = len(f) // 2
-        ref = Stats(mu=f[:h].mean(0), sigma=np.cov(f[:h], rowvar=False), n=h)
-        mine = Stats(mu=f[h:].mean(0), sigma=np.cov(f[h:], rowvar=False), n=len(f) - h)
-    return fd(mine, ref)
+        return fd(gaussian_fit(f[h:]), gaussian_fit(f[:h]))
+    return fd(gaussian_fit(f), ref)
 
 
 def main():

@@ -49,6 +49,19 @@ def test_save_checkpoint_and_load_round_trip(tmp_path):
     assert torch.equal(ema_model.x_embedder.proj.bias, model.x_embedder.proj.bias + 1.0)
 
 
+def test_every_accepted_path_form_resolves_to_the_newest_checkpoint(tmp_path):
+    model = tiny_dit()
+    for step in (1, 2):
+        ckpt_io.save_checkpoint(tmp_path / "checkpoints" / f"step_{step}", model, config={}, step=step,
+                                process=Flow(), prediction="flow")
+    newest = tmp_path / "checkpoints" / "step_2"
+    # run dir, checkpoints/ dir, the `latest` pointer file itself, and the checkpoint dir
+    for given in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "latest", newest):
+        assert ckpt_io.resolve_checkpoint(given) == newest, given
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        ckpt_io.resolve_checkpoint(tmp_path / "checkpoints" / "step_2" / "config.yaml")
+
+
 def test_atomic_directory_leaves_old_version_on_error(tmp_path):
     target = tmp_path / "ckpt"
     with ckpt_io.atomic_directory(target) as tmp:

@@ -241,6 +241,12 @@ def extract_features(
     return np.concatenate(feats).astype(np.float32, copy=False), h.hexdigest()
 
 
+def gaussian_fit(feats: np.ndarray) -> Stats:
+    """Bare Gaussian fit (mean, covariance, n) of a feature matrix [n, d], for ad-hoc distances."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return Stats(mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=len(feats))
+
+
 def stats_from_features(
     feats: np.ndarray,
     extractor: FeatureExtractor,
@@ -288,8 +294,32 @@ def compute_stats(
 
 # ------------------------------------------------------------------------------------- distances
 def fd(a: Stats, b: Stats) -> float:
-    """Fréchet distance between two Gaussian fits (clean-fid's ``frechet_distance``)."""
-    return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    """Fréchet distance between two Gaussian fits (clean-fid's ``frechet_distance``).
+
+    d^2 = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})  (Heusel et al. 2017, arXiv 1706.08500).
+    """
+    try:
+        return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    except TypeError as err:  # SciPy >= 1.18 dropped sqrtm's ``disp`` argument that clean-fid passes
+        if "disp" not in str(err):
+            raise
+        return _frechet_distance_scipy(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def _frechet_distance_scipy(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """The same formula and the same near-singular fallback as clean-fid, on current SciPy."""
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the Fréchet distance")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 @contextlib.contextmanager
