@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
     from difftools.metrics.classifier import class_accuracy, dataset_tensors, default_classifier
     from difftools.metrics.evaluate import dataset_of, score
     from difftools.metrics.features import ClassifierFeatures, InceptionFeatures
-    from difftools.metrics.fid import float_to_uint8, reference_stats, result
-    from difftools.metrics.generate import SampleSpec, batches, generate
+    from difftools.metrics.fid import reference_stats, result
+    from difftools.metrics.generate import SampleSpec, generate_uint8
     from difftools.training.grid import save_grid
 
     out = Path(args.out)
@@ -209,16 +209,11 @@ def main(argv=None) -> dict:
         spec = SampleSpec(
             sampler=args.sampler, steps=steps, guidance_scale=args.guidance_scale, seed=0
         ).validate()
-        images, labels, nfe = [], [], 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for idx in batches(range(args.num_samples), args.batch_size):
-            x, y, nfe = generate(loaded, idx, spec, device)
-            images.append(float_to_uint8(x))
-            labels.append(y)
+        images, labels, nfe = generate_uint8(loaded, range(args.num_samples), spec, args.batch_size, device)
         seconds = time.perf_counter() - t0
-        images, labels = torch.cat(images), (torch.cat(labels) if labels[0] is not None else None)
         save_grid(images[:100].float() / 127.5 - 1, out / f"grid_{steps}.png", nrow=10)
         run = {
             "sampler": spec.as_dict(),

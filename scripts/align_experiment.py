@@ -222,6 +222,7 @@ def val_loss(model, process, x0, y, seed) -> float:
 @torch.no_grad()
 def generate(model, process, ae, n, args, seed):
     """n decoded samples as uint8 [n, C, H, W] (class labels cycling 0..K-1, no guidance)."""
+    from difftools.metrics.fid import float_to_uint8
     from difftools.training.grid import sample_images
 
     chunk = 1000 if model.x_embedder.proj.weight.is_cuda else 100
@@ -237,7 +238,7 @@ def generate(model, process, ae, n, args, seed):
             steps=args.sample_steps,
             seed=seed + i,
         )
-        out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+        out.append(float_to_uint8(x).cpu())
     return torch.cat(out)
 
 
@@ -373,9 +374,9 @@ def main(argv=None) -> dict:
                     f"{curve['val_loss'][-1]:.4f}  ({time.time() - te:.1f}s eval)"
                 )
                 if run.step == eval_at[-1] and images.shape[0] >= 100:
-                    from torchvision.utils import save_image
+                    from difftools.training.grid import save_grid
 
-                    save_image(images[:100].float() / 255.0, str(out / f"samples_{name}.png"), nrow=10)
+                    save_grid(images[:100].float() / 127.5 - 1, out / f"samples_{name}.png", nrow=10)
                 t_w = None  # do not count evaluation time as step time
         step_time = float(np.median(window)) if window else float("nan")
         entry = {"curve": curve, "step_time_s": step_time, "steps": steps}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftools.losses import build_loss  # noqa: E402
 from difftools.losses.alignment import alignment_flops_overhead, projector_flops  # noqa: E402
-from difftools.models.dit import dit_from_preset  # noqa: E402
+from difftools.models.dit import DiT, parse_preset  # noqa: E402
 from difftools.process import make_process  # noqa: E402
 
 
@@ -62,14 +62,8 @@ def main(argv=None) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    kw = {"patch_size": args.patch} if args.patch else {}
-    if args.patch:
-        from difftools.models.dit import DiT, parse_preset
-
-        hidden, depth, heads, _ = parse_preset(args.model)
-        model = DiT(args.input_size, args.in_channels, args.patch, hidden, depth, heads, num_classes=10)
-    else:
-        model = dit_from_preset(args.model, input_size=args.input_size, in_channels=args.in_channels, **kw)
+    hidden, depth, heads, patch = parse_preset(args.model)
+    model = DiT(args.input_size, args.in_channels, args.patch or patch, hidden, depth, heads, num_classes=10)
     model = model.to(device).train()
     process = make_process("flow")
     plain = build_loss({"prediction": "flow"}, model, process).to(device)

@@ -95,11 +95,9 @@ def smoke_model(device):
 def load_model(ckpt: str, device):
     import difftools
     from difftools.data import build_dataset
+    from difftools.metrics.evaluate import dataset_of
     loaded = difftools.load(ckpt, device=device)
-    info = loaded.dataset_info or {}
-    data_cfg = loaded.config.get("data", {}) if isinstance(loaded.config, dict) else {}
-    name = info.get("name") or data_cfg.get("name")
-    size = info.get("image_size") or data_cfg.get("image_size")
+    name, size, _ = dataset_of(loaded)
     ds = build_dataset(name, split="train", image_size=size)
     return loaded.model.to(device).eval(), loaded.process, loaded.prediction, loaded.autoencoder, ds
 
@@ -207,13 +205,15 @@ def run(args) -> dict:
 
 def write_grid(grids: dict, scales, path: Path) -> None:
     from PIL import Image
+
+    from difftools.metrics.fid import float_to_uint8
     blocks = []
     for kind, _ in METHODS:
         rows = [torch.cat(list(grids[(kind, w)]), dim=-1) for w in scales]   # [C, H, cols*W]
         blocks.append(torch.cat(rows, dim=-2))
     pad = torch.ones_like(blocks[0][:, :, :4])
     img = torch.cat([torch.cat([b, pad], dim=-1) for b in blocks], dim=-1)
-    arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    arr = float_to_uint8(img).permute(1, 2, 0).numpy()
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
 
 

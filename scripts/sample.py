@@ -28,29 +28,11 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 
 def shard_indices(num_samples: int, rank: int, world: int) -> list[int]:
     """Indices drawn by process ``rank`` of ``world`` (strided, so every shard is class-balanced)."""
     return list(range(rank, num_samples, world))
-
-
-def sample_indices(loaded, indices: list[int], spec, batch_size: int, device, progress: bool = False):
-    """(uint8 images [n, C, H, W], labels or None, NFE per image) for ``indices``."""
-    from difftools.metrics.fid import float_to_uint8
-    from difftools.metrics.generate import batches, generate
-
-    images, labels, nfe = [], [], 0
-    for idx in tqdm(list(batches(indices, batch_size)), desc="sampling", unit="batch", disable=not progress):
-        x, y, nfe = generate(loaded, idx, spec, device)
-        images.append(float_to_uint8(x))
-        if y is not None:
-            labels.append(y)
-    empty = torch.empty(
-        0, loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size, dtype=torch.uint8
-    )
-    return (torch.cat(images) if images else empty), (torch.cat(labels) if labels else None), nfe
 
 
 def write_png(folder: Path, indices: list[int], images: torch.Tensor) -> None:
@@ -85,6 +67,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     from difftools.checkpoint import load, resolve_checkpoint
     from difftools.metrics.evaluate import build_features, dataset_of, score
     from difftools.metrics.fid import reference_stats
+    from difftools.metrics.generate import generate_uint8
 
     spec = build_spec(cfg)  # unknown sampler, steps < 1: fail before any work
     ckpt = resolve_checkpoint(cfg.ckpt)
@@ -96,7 +79,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     loaded = load(ckpt, use_ema=True, device=device)
     mine = shard_indices(int(cfg.num_samples), state.process_index, state.num_processes)
     t0 = time.perf_counter()
-    images, labels, nfe = sample_indices(
+    images, labels, nfe = generate_uint8(
         loaded, mine, spec, int(cfg.batch_size), device, progress=bool(cfg.progress) and state.is_main_process
     )
     if device.type == "cuda":

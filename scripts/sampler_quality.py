@@ -7,10 +7,11 @@
     python scripts/sampler_quality.py --smoke --out /tmp/sq
 
 For every solver x NFE in {4, 5, 6, 8, 10, 20} x DualFast off/on it draws N class-conditional
-samples from the same per-image seeds (image i uses seed + i, so results do not depend on batch
-size), decodes them (the checkpoint's autoencoder), and reports the Fréchet distance in the given
-feature space to the dataset's reference statistics (``fd_<features>``, with n) and, for a
-classifier feature extractor, the class accuracy of the samples. ``--wait S`` polls up to S seconds
+samples from the same per-image seeds (image i's noise from the pair [seed, i], as
+``difftools.metrics.generate.image_noise`` draws it, so results do not depend on batch size),
+decodes them (the checkpoint's autoencoder), and reports the Fréchet distance in the given feature
+space to the dataset's reference statistics (``fd_<features>``, with n) and, for a classifier
+feature extractor, the class accuracy of the samples. ``--wait S`` polls up to S seconds
 for the checkpoint (``difftools.load``) and the features to appear. Writes
 ``sampler_quality.json``, ``sampler_quality.md`` and ``samplers_nfe.png`` to ``--out``.
 """
@@ -27,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from difftools.metrics.fid import float_to_uint8  # noqa: E402
+from difftools.metrics.generate import image_noise  # noqa: E402
 from samplers import ModelFn, sample  # noqa: E402
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc_bh2")
@@ -41,17 +44,6 @@ def wait_for(path: Path, seconds: float, what: str) -> None:
                 f"{what} not found at {path} (waited {seconds:.0f} s); train it first or pass the right path"
             )
         time.sleep(10)
-
-
-def per_image_noise(n: int, shape, seed: int, device) -> torch.Tensor:
-    """Noise of image i from its own generator (seed + i): independent of batching and GPU count."""
-    return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
-    ).to(device)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def load_setup(args, device):
@@ -76,14 +68,13 @@ def load_setup(args, device):
         )
         return ModelFn(net, Flow(), "flow"), (3, 8, 8), (lambda z: z), 10, None, 8
     import difftools
+    from difftools.metrics.evaluate import dataset_of
 
     wait_for(Path(args.ckpt), args.wait, "checkpoint")
     loaded = difftools.load(args.ckpt, device=device)
     model = loaded.model.eval()
     info = loaded.dataset_info or {}
-    cfg_data = loaded.config.get("data", {}) if isinstance(loaded.config, dict) else {}
-    name = info.get("name") or cfg_data.get("name")
-    size = info.get("image_size") or cfg_data.get("image_size")
+    name, size, _ = dataset_of(loaded)
     ae = loaded.autoencoder
     shape = (
         model.in_channels if hasattr(model, "in_channels") else ae.latent_channels,
@@ -158,7 +149,7 @@ def main():
     solvers = args.solvers.split(",")
     mf, shape, decode, num_classes, name, size = load_setup(args, device)
     extractor, ref, acc_fn = build_features(args, device, name, size)
-    noise = per_image_noise(args.n, shape, args.seed, "cpu")
+    noise = image_noise(args.seed, range(args.n), shape)
     labels = torch.arange(args.n) % num_classes
     rows, t_all = [], time.time()
     for solver in solvers:
@@ -174,7 +165,7 @@ def main():
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
                     ):
                         x = sample(mf, z, solver, steps=nfe, dualfast=df, y=y)
-                        img = to_uint8(decode(x).float())
+                        img = float_to_uint8(decode(x)).cpu()
                     imgs_all.append(img)
                     feats.append(extractor(img))
                 imgs = torch.cat(imgs_all)

@@ -28,6 +28,15 @@ def _deterministic_torch():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (a small shared CPU box), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """The folder of real datasets and weights (../shared/data or $DIFFTOOLS_DATA); skips if absent."""
     if not SHARED_DATA.is_dir():

@@ -14,19 +14,19 @@ import pytest
 import torch
 
 from difftools.data import build_dataset
-from difftools.metrics.classifier import accuracy, dataset_tensors, fit_classifier, preset, save_classifier
+from difftools.metrics.classifier import (
+    accuracy,
+    dataset_tensors,
+    fit_classifier,
+    fit_options,
+    preset,
+    save_classifier,
+)
 from difftools.models.classifier import Classifier, load_classifier
 from difftools.process import Flow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_accuracy_within_budget_and_checkpoint_roundtrip(tmp_path):
@@ -36,18 +36,7 @@ def test_digits_accuracy_within_budget_and_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = Classifier(1, 16, 10, p["widths"], p["depth"], name="clf_test")
     t0 = time.perf_counter()
-    res = fit_classifier(
-        model,
-        train,
-        test,
-        epochs=p["epochs"],
-        batch_size=p["batch_size"],
-        lr=p["lr"],
-        flip=p["flip"],
-        shift=p["shift"],
-        device="cpu",
-        log=None,
-    )
+    res = fit_classifier(model, train, test, **fit_options(p), device="cpu", log=None)
     assert time.perf_counter() - t0 < 30
     assert res.test_accuracy >= 0.95
     save_classifier(tmp_path / "clf", model, test.info, res, config={"data": {"name": "digits"}})

@@ -24,12 +24,7 @@ def load_script():
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +126,7 @@ def test_cli_writes_exactly_the_promised_files(tiny_ckpt, tmp_path):
 def test_same_seed_same_images_independent_of_batch_and_shards(tiny_ckpt, tmp_path):
     mod = load_script()
     from difftools.checkpoint import load
+    from difftools.metrics.generate import generate_uint8
 
     outs = {}
     for name, over in {
@@ -160,7 +156,7 @@ def test_same_seed_same_images_independent_of_batch_and_shards(tiny_ckpt, tmp_pa
     loaded = load(tiny_ckpt)
     spec = mod.build_spec(make_cfg(ckpt=str(tiny_ckpt), steps=3, seed=0))
     shards = [mod.shard_indices(12, r, 2) for r in range(2)]
-    parts = [mod.sample_indices(loaded, idx, spec, 4, "cpu")[0] for idx in shards]
+    parts = [generate_uint8(loaded, idx, spec, 4, "cpu")[0] for idx in shards]
     merged = torch.empty(12, 1, 16, 16, dtype=torch.uint8)
     for idx, imgs in zip(shards, parts, strict=False):
         merged[idx] = imgs

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from difftools.metrics.features import ClassifierFeatures, cache_dir, default_device
+from difftools.metrics.fid import float_to_uint8
 from difftools.models.classifier import Classifier, load_classifier
 
 # Presets by dataset: small enough to train on the CPU for the embedded default, and ~1 minute on
@@ -44,6 +45,11 @@ def preset(dataset: str) -> dict:
     return dict(PRESETS.get(dataset, DEFAULT_PRESET))
 
 
+def fit_options(p: dict) -> dict:
+    """The :func:`fit_classifier` keywords of a preset (the rest of it sizes the model)."""
+    return {k: p[k] for k in ("epochs", "batch_size", "lr", "flip", "shift")}
+
+
 def dataset_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     """(x uint8 [N, C, H, W], y long [N]) of a toolkit dataset (items in [-1, 1])."""
     images = getattr(ds, "images", None)
@@ -56,7 +62,7 @@ def dataset_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     loader = torch.utils.data.DataLoader(ds, batch_size=1000, shuffle=False, num_workers=0)
     xs, ys = [], []
     for x, y in loader:
-        xs.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        xs.append(float_to_uint8(x))
         ys.append(torch.as_tensor(y).long())
     return torch.cat(xs), torch.cat(ys)
 
@@ -121,7 +127,7 @@ def fit_classifier(
     log=print,
 ) -> FitResult:
     """Train ``model`` in place and return its test accuracy (on clean images, t = 0)."""
-    device = torch.device(device) if device is not None else default_device()
+    device = default_device(device)
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = (t.to(device) for t in dataset_tensors(train_ds))
@@ -241,18 +247,7 @@ def default_classifier(
         test = build_dataset(dataset, root=root, split="test", image_size=image_size)
         if log is not None:
             log(f"training the metric classifier for {dataset} ({size}px) -> {path}")
-        res = fit_classifier(
-            model,
-            train,
-            test,
-            epochs=cfg["epochs"],
-            batch_size=cfg["batch_size"],
-            lr=cfg["lr"],
-            flip=cfg["flip"],
-            shift=cfg["shift"],
-            device=device,
-            log=None,
-        )
+        res = fit_classifier(model, train, test, **fit_options(cfg), device=device, log=None)
         if log is not None:
             log(f"metric classifier: test accuracy {res.test_accuracy:.4f} in {res.train_seconds:.1f} s")
         # a private name first, then one rename: concurrent processes may train the same classifier;

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from difftools.metrics.features import ClassifierFeatures, FeatureExtractor, build_extractor, default_device
-from difftools.metrics.fid import Stats, compute_stats, float_to_uint8, reference_stats, result
-from difftools.metrics.generate import SampleSpec, batches, generate
+from difftools.metrics.fid import Stats, compute_stats, reference_stats, result
+from difftools.metrics.generate import SampleSpec, generate_uint8
 
 
 def dataset_of(loaded) -> tuple[str, int, dict]:
@@ -117,7 +117,7 @@ def evaluate_checkpoint(
     ``sampling_seconds``, ``images_per_second``, ``reference`` and ``checkpoint``."""
     from difftools.checkpoint import load
 
-    device = torch.device(device) if device is not None else default_device()
+    device = default_device(device)
     spec = SampleSpec(
         sampler=sampler,
         steps=steps,
@@ -134,18 +134,11 @@ def evaluate_checkpoint(
         image_size = image_size or size
         data_root = data_root or data_cfg.get("root")
     ext = build_features(features, dataset, image_size, device=device, cache=cache, root=data_root, log=log)
-    images, labels, nfe = [], [], 0
     t0 = time.perf_counter()
-    for idx in batches(range(num_samples), batch_size):
-        x, y, nfe = generate(loaded, idx, spec, device)
-        images.append(float_to_uint8(x))
-        if y is not None:
-            labels.append(y)
+    images, labels, nfe = generate_uint8(loaded, range(num_samples), spec, batch_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    images = torch.cat(images)
-    labels = torch.cat(labels) if labels else None
     ref = reference_stats(
         dataset,
         ext,

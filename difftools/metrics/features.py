@@ -45,8 +45,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFTOOLS_CACHE", Path.home() / ".cache" / "difftools"))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device(device=None) -> torch.device:
+    """``device`` as a torch.device; None (or "auto"): CUDA when present, else the CPU."""
+    if device is None or isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -89,7 +92,7 @@ class FeatureExtractor:
     batch_size: int = 256
 
     def __init__(self, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = default_device(device)
 
     @property
     def metric(self) -> str:

@@ -154,3 +154,24 @@ def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     indices = list(indices)
     for i in range(0, len(indices), batch_size):
         yield indices[i : i + batch_size]
+
+
+def generate_uint8(
+    loaded, indices: Sequence[int], spec: SampleSpec, batch_size: int, device=None, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """:func:`generate` over ``indices`` in batches of ``batch_size``: (uint8 images [n, C, H, W] as an
+    image writer stores them, labels or None, NFE per image)."""
+    from tqdm.auto import tqdm
+
+    from difftools.metrics.fid import float_to_uint8
+
+    images, labels, nfe = [], [], 0
+    for idx in tqdm(list(batches(indices, batch_size)), desc="sampling", unit="batch", disable=not progress):
+        x, y, nfe = generate(loaded, idx, spec, device)
+        images.append(float_to_uint8(x))
+        if y is not None:
+            labels.append(y)
+    empty = torch.empty(
+        0, loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size, dtype=torch.uint8
+    )
+    return (torch.cat(images) if images else empty), (torch.cat(labels) if labels else None), nfe
