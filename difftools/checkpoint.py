@@ -25,6 +25,7 @@ the ``difftools`` / ``samplers`` packages.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -111,9 +112,8 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import zipfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def exact_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
-class FeatureExtractor:
+class FeatureExtractor(ABC):
     """Base class: ``extractor(images uint8 [B,C,H,W]) -> float32 features [B, D]`` on the CPU."""
 
     name: str = "features"
@@ -105,8 +106,9 @@ class FeatureExtractor:
     def protocol(self) -> dict:
         return {"features": self.name, "dim": self.dim}
 
+    @abstractmethod
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Features [N, dim] of uint8 images [N, C, H, W] (called under no_grad)."""
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

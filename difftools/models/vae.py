@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -67,7 +68,7 @@ def _as_float_or_list(v):
     return float(v)
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(nn.Module, ABC):
     """Frozen autoencoder with scaled latents ``z = (E(x) - shift) * scale``.
 
     Subclasses implement ``_encode_raw(x) -> (mean, logvar or None)``, ``_decode_raw(z_raw) -> x``,
@@ -221,17 +222,21 @@ class Autoencoder(nn.Module):
         return self._checksum
 
     # ------------------------------------------------------------------ for subclasses
-    def _encode_raw(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _encode_raw(self, x):
+        """Backend encoder: image in [-1, 1] -> unscaled latent (mean or sample)."""
 
-    def _decode_raw(self, z):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _decode_raw(self, z):
+        """Backend decoder: unscaled latent -> image in ~[-1, 1]."""
 
-    def _features_raw(self, x, name):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _features_raw(self, x, name):
+        """Backend feature maps named ``name`` for the alignment loss."""
 
-    def _encoder_feature_channels(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _encoder_feature_channels(self):
+        """Channel count of the encoder feature map used by ``features="encoder"``."""
 
     def _config(self) -> dict:
         return {}
