@@ -33,6 +33,7 @@ def instantiate(node, **kw):
 def build_run(cfg: DictConfig):
     """Dataset, autoencoder, model, process and loss from the config (no training yet)."""
     from difftools.losses import build_loss
+    from difftools.models.precond import apply_precond
     from difftools.models.vae import build_autoencoder
 
     dataset = instantiate(cfg.data)
@@ -49,6 +50,7 @@ def build_run(cfg: DictConfig):
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
     model = instantiate(cfg.model, input_size=shape[1], in_channels=shape[0], num_classes=info.num_classes)
     process = instantiate(cfg.process)
+    model = apply_precond(model, cfg.get("precond"), process)  # e.g. EDM's c_in/c_skip/c_out wrapper
     loss_fn = build_loss(cfg.loss, model, process, autoencoder)
     return dataset, autoencoder, model, process, loss_fn
 
