@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difftools.device import default_device
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftools.data import build_dataset  # noqa: E402
@@ -271,11 +273,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = default_device(args.device)
     bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from difftools.device import default_device
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftools.losses import build_loss  # noqa: E402
@@ -53,11 +55,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = default_device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True

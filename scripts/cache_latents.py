@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from difftools.device import default_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,11 +58,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = str(default_device(args.device))
     kw = {"path": args.vae_path} if args.vae_path else {}
     ae = build_autoencoder(args.vae, scale=args.scale, shift=args.shift, **kw)
     out = Path(args.out)

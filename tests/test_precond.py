@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_training import _isolated, tiny_dit  # noqa: F401 (autouse fixture)
 
 import difftools
 from difftools import checkpoint as ckpt_io
@@ -15,24 +16,6 @@ from difftools.models.dit import DiT
 from difftools.models.precond import EDMPrecond, apply_precond, edm_coefficients
 from difftools.process import EDM, Flow
 from difftools.training import Trainer, TrainerConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    from accelerate.state import AcceleratorState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(n)
-
-
-def tiny_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    return DiT(input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2,
-               num_classes=10)
 
 
 def test_coefficients_match_table_1():

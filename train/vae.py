@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from difftools.device import default_device
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftools.models.vae import psnr  # noqa: E402
@@ -123,11 +125,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(tc.num_threads))
     # Tiny weights/gradients become denormal floats late in CPU training and slow every op ~10x.
     torch.set_flush_denormal(True)
-    device = torch.device(
-        "cuda"
-        if tc.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if tc.device == "auto" else tc.device)
-    )
+    device = default_device(tc.device)
     torch.manual_seed(int(tc.seed))
     train_set = build_dataset(
         cfg.data.name,

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difftools.device import default_device  # noqa: F401 (re-exported: metrics callers use it)
+
 # pytorch-fid names its file with the first 8 hex digits of the file's sha256.
 PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 PT_INCEPTION_SHA256_PREFIX = "6726825d"
@@ -44,13 +46,6 @@ INCEPTION_MODES = ("legacy_pytorch", "clean")
 def cache_dir() -> Path:
     """Root of difftools' caches: ``$DIFFTOOLS_CACHE`` or ``~/.cache/difftools``."""
     return Path(os.environ.get("DIFFTOOLS_CACHE", Path.home() / ".cache" / "difftools"))
-
-
-def default_device(device=None) -> torch.device:
-    """``device`` as a torch.device; None (or "auto"): CUDA when present, else the CPU."""
-    if device is None or isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
