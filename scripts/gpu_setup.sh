@@ -1,0 +1,14 @@
+# Sourced at the start of every command on the GPU box (`source .gpu/setup.sh`; scripts/gpu_prepare.sh
+# copies it there): installs the carried wheels and sets the paths the recipes read.
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+    $(ls .gpu/wheels_core/*.whl .gpu/wheels_x/*.whl 2>/dev/null)
+export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1 DIFFTOOLS_DATA=$PWD/.gpu/data DIFFTOOLS_CACHE=$PWD/.gpu/cache HF_HUB_OFFLINE=1
+export TQDM_MININTERVAL=20
+mkdir -p .gpu/cache
+# The CIFAR-10 DiT-S/2 used by docs/benchmarks.md, samplers.md and guidance.md:
+RUN=runs/cifar_s2
+TRAIN_ARGS="model=dit_s2 data=cifar10 process=flow trainer=gpu trainer.batch_size=256 trainer.lr=3e-4 \
+trainer.warmup_steps=500 trainer.ema_decay=0.999 trainer.log_every=250 trainer.ckpt_every=2500 \
+trainer.sample_every=2500 trainer.sample_steps=20 trainer.progress=false eval.enabled=false \
+hydra.run.dir=$RUN trainer.compile=true"
