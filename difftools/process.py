@@ -30,6 +30,7 @@ so float64 inputs give float64 results (the diffusers cross-checks run in float6
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from typing import Literal, NamedTuple
@@ -57,6 +58,13 @@ def broadcast_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if coef.ndim == 0:
         return coef
     return coef.reshape(coef.shape[0], *([1] * (x.ndim - 1)))
+
+
+@functools.lru_cache(maxsize=4096)
+def scalar_at(fn, t: float) -> float:
+    """fn(t) in float64 on the CPU, memoised: a sampler asks for the same grid times every step
+    and every call (``fn`` is a bound method: the key includes the process instance)."""
+    return float(fn(torch.tensor(t, dtype=torch.float64)))
 
 
 class Denoised(NamedTuple):
@@ -106,6 +114,15 @@ class NoiseProcess(ABC):
         return broadcast_to(self.alpha(t), x0) * x0 + broadcast_to(self.sigma(t), x0) * eps
 
     # ------------------------------------------------------------ conversions
+    @staticmethod
+    def _coef(fn, t, x: torch.Tensor):
+        """fn(t) ready to multiply x: a Python float when t is one Python number for the whole
+        batch (the samplers' case: evaluated in float64 on the CPU, so a solver step launches no
+        device kernels for its coefficients), else a tensor broadcast against x."""
+        if isinstance(t, (float, int)):
+            return scalar_at(fn, float(t))
+        return broadcast_to(fn(as_time(t, x)), x)
+
     def to_x0_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t, prediction: Prediction) -> Denoised:
         """Express a network output of type ``prediction`` as (x0, eps) at (x_t, t).
 
@@ -116,8 +133,7 @@ class NoiseProcess(ABC):
         * flow: solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; u]
                 (determinant alpha sigma' - sigma alpha')
         """
-        t = as_time(t, x_t)
-        a, s = broadcast_to(self.alpha(t), x_t), broadcast_to(self.sigma(t), x_t)
+        a, s = self._coef(self.alpha, t, x_t), self._coef(self.sigma, t, x_t)
         if prediction == "eps":
             return Denoised((x_t - s * pred) / a, pred)
         if prediction == "x0":
@@ -126,7 +142,7 @@ class NoiseProcess(ABC):
             norm = a * a + s * s
             return Denoised((a * x_t - s * pred) / norm, (s * x_t + a * pred) / norm)
         if prediction == "flow":
-            da, ds = broadcast_to(self.d_alpha(t), x_t), broadcast_to(self.d_sigma(t), x_t)
+            da, ds = self._coef(self.d_alpha, t, x_t), self._coef(self.d_sigma, t, x_t)
             det = a * ds - s * da
             return Denoised((ds * x_t - s * pred) / det, (a * pred - da * x_t) / det)
         raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from difftools.process import Denoised, broadcast_to
+from difftools.process import broadcast_to
 from samplers.model import ModelFn
 
 _DIMS_ERR = "guidance needs batched inputs x of shape [B, ...]"
@@ -147,10 +147,7 @@ class Guided(ModelFn):
             guided = torch.where(_per_sample(active, x), guided, p_cond)
         return guided
 
-    def predict(self, x: torch.Tensor, t, **cond) -> Denoised:
-        return self.process.to_x0_eps(self.output(x, t, **cond), x, self.batch_times(x, t), self.prediction)
-
-    __call__ = predict
+    __call__ = ModelFn.predict  # predict() itself is inherited: it calls this class's output()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale}, interval={self.interval}, inner={self.inner!r})"

@@ -64,7 +64,9 @@ class ModelFn:
 
     def predict(self, x: torch.Tensor, t, **cond) -> Denoised:
         """(x0, eps) estimates at (x_t, t)."""
-        return self.process.to_x0_eps(self.output(x, t, **cond), x, self.batch_times(x, t), self.prediction)
+        # a Python-number t stays one: the conversion's coefficients are then host scalars
+        t_conv = float(t) if isinstance(t, (float, int)) else self.batch_times(x, t)
+        return self.process.to_x0_eps(self.output(x, t, **cond), x, t_conv, self.prediction)
 
     def x0(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         return self.predict(x, t, **cond).x0

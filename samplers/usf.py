@@ -59,7 +59,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from difftools.process import Denoised, NoiseProcess
+from difftools.process import Denoised, NoiseProcess, scalar_at
 
 PREDICTIONS = ("data", "noise")
 COEFS = ("taylor", "bh1", "bh2", "dpm")
@@ -188,9 +188,9 @@ class StepPlan:
 
 
 def _scalars(process: NoiseProcess, t: float):
-    tt = torch.tensor(float(t), dtype=torch.float64)
-    a, s = float(process.alpha(tt)), float(process.sigma(tt))
-    lam = float(process.lambda_(tt)) if s > 0 and a > 0 else (math.inf if s == 0 else -math.inf)
+    t = float(t)
+    a, s = scalar_at(process.alpha, t), scalar_at(process.sigma, t)
+    lam = scalar_at(process.lambda_, t) if s > 0 and a > 0 else (math.inf if s == 0 else -math.inf)
     return a, s, lam
 
 

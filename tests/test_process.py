@@ -110,6 +110,20 @@ def test_prediction_round_trip(name, prediction):
 
 
 @pytest.mark.parametrize("name", PROCESSES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_scalar_time_conversion_equals_per_sample(name, prediction):
+    """A Python-number t (the samplers' host-coefficient path) gives the per-sample tensor result."""
+    proc = PROCESSES[name]
+    g = torch.Generator().manual_seed(2)
+    pred, x_t = torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64)
+    for t in (0.05, 0.5, 0.93):
+        scalar = proc.to_x0_eps(pred, x_t, t, prediction)
+        tensor = proc.to_x0_eps(pred, x_t, torch.full((6,), t, dtype=torch.float64), prediction)
+        torch.testing.assert_close(scalar.x0, tensor.x0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(scalar.eps, tensor.eps, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", PROCESSES)
 def test_flow_target_is_dx_dt_and_velocity_agrees(name):
     proc = PROCESSES[name]
     g = torch.Generator().manual_seed(2)

@@ -199,3 +199,29 @@ def test_usf_strategy_list_equals_named_solvers():
         strategies=[Strategy("noise", 1)] + [Strategy("data", 3, "taylor", "pseudo")] * 5,
     )
     assert torch.isfinite(mixed).all() and (mixed - named).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize(("solver", "max_state_ops"), [("ddim", 5), ("dpmpp_2m", 7), ("unipc_bh2", 11)])
+def test_step_launches_only_state_sized_ops(solver, max_state_ops):
+    """Per step, the loop works on the state only: no per-sample coefficient tensors ([B]-shaped
+    ops, which on CUDA are tiny kernel launches each) and a bounded number of state-sized ops
+    (counts from a VP eps model: the conversion x0 = (x - sigma eps)/alpha plus the update)."""
+    batch, steps = 3, 10
+    x = torch.randn(batch, 4, 8, 8)
+    out = torch.randn(batch, 4, 8, 8)
+    mf = ModelFn(lambda x_t, t: out, VP(), "eps")
+    sample(mf, x, solver, steps=steps)  # warm the memoised grid coefficients
+    with torch.profiler.profile(record_shapes=True) as prof:
+        sample(mf, x, solver, steps=steps)
+    per_sample_ops, state_ops = [], 0
+    for e in prof.events():
+        top = e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
+        if not (e.name.startswith("aten::") and top):
+            continue
+        shapes = [sh for sh in (e.input_shapes or []) if isinstance(sh, list)]
+        if [batch] in shapes:
+            per_sample_ops.append(e.name)
+        elif any(len(sh) == 4 for sh in shapes) and e.name != "aten::to":  # .to(same dtype) is a no-op
+            state_ops += 1
+    assert per_sample_ops == []
+    assert state_ops / steps <= max_state_ops
