@@ -10,5 +10,6 @@ Needs only torch and :mod:`difftools.process`::
 
 from samplers.model import ModelFn
 from samplers.sampling import sample
+from samplers.search import SolverSchedule, search
 
-__all__ = ["ModelFn", "sample"]
+__all__ = ["ModelFn", "SolverSchedule", "sample", "search"]

@@ -46,16 +46,23 @@ def write_png(folder: Path, indices: list[int], images: torch.Tensor) -> None:
 def build_spec(cfg: DictConfig):
     from difftools.metrics.generate import SampleSpec
 
+    sampler, steps = str(cfg.sampler), int(cfg.steps)
+    sampler_opts = OmegaConf.to_container(cfg.sampler_opts, resolve=True)
+    if cfg.get("schedule_file"):  # a searched S³ schedule (scripts/search_schedule.py): usf on its own grid
+        from samplers.search import SolverSchedule
+
+        sched = SolverSchedule.load(cfg.schedule_file)
+        sampler, steps, sampler_opts = "usf", sched.steps, {**sampler_opts, **sched.sample_kwargs()}
     return SampleSpec(
-        sampler=str(cfg.sampler),
-        steps=int(cfg.steps),
+        sampler=sampler,
+        steps=steps,
         schedule=str(cfg.schedule),
         guidance_scale=float(cfg.guidance.scale),
         guidance=str(cfg.guidance.kind),
         guidance_opts=OmegaConf.to_container(cfg.guidance.opts, resolve=True),
         seed=int(cfg.seed),
         class_label=cfg.class_label,
-        sampler_opts=OmegaConf.to_container(cfg.sampler_opts, resolve=True),
+        sampler_opts=sampler_opts,
         precision=str(cfg.precision),
     ).validate()
 
@@ -77,6 +84,10 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     device = torch.device(cfg.device) if cfg.device else state.device
     out = Path(out)
     loaded = load(ckpt, use_ema=True, device=device)
+    if cfg.get("schedule_file"):
+        from samplers.search import SolverSchedule
+
+        SolverSchedule.load(cfg.schedule_file).check_process(loaded.process)
     mine = shard_indices(int(cfg.num_samples), state.process_index, state.num_processes)
     t0 = time.perf_counter()
     images, labels, nfe = generate_uint8(
