@@ -106,6 +106,22 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     commit_directory(tmp, path)
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Write one file atomically: yield a temporary sibling to write to; on normal exit it is
+    fsynced and renamed over ``path``; on an exception it is deleted and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -130,10 +146,8 @@ def _fsync_tree(path: Path) -> None:
 
 def write_latest(root: str | os.PathLike, name: str) -> None:
     """Point ``root/latest`` at checkpoint ``name`` (atomic: write a temp file, then rename)."""
-    root = Path(root)
-    tmp = root / f".{LATEST_FILE}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST_FILE)
+    with atomic_file(Path(root) / LATEST_FILE) as tmp:
+        tmp.write_text(name + "\n")
 
 
 def save_weights(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -277,5 +277,7 @@ def test_corrupt_state_file_is_a_clear_error(tmp_path):
     assert load_state(good)["history"] == [0.5, 0.25]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt"):
+    from difftools.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="corrupt"):
         load_state(bad)

@@ -14,26 +14,23 @@ from pathlib import Path
 
 import torch
 
+from difftools.checkpoint import atomic_file, torch_load
+
 
 def save_state(path, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path) -> dict:
+    """The state dict at ``path``, loaded with ``weights_only=True`` (tensors, numbers, lists, dicts:
+    nothing is unpickled as code); a corrupt file is a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist (train one with train/mcd.py stage=teacher)"
         )
-    try:  # tensors, numbers, lists and dicts only: nothing is unpickled as code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"checkpoint {path} is corrupt or not a difftools.discrete state file "
-                         f"({type(err).__name__}: {err}); delete it to start over") from err
+    return torch_load(path)
 
 
 def fit(

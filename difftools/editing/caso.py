@@ -199,24 +199,18 @@ def caso_loss(logits: torch.Tensor, target: torch.Tensor, x0_pred: torch.Tensor 
 # ------------------------------------------------------------------ I/O
 def save_embeddings(path: str | os.PathLike, embeddings: SemanticEmbeddings,
                     meta: dict | None = None) -> Path:
-    """Write the table as safetensors (tensor ``embeddings`` [K, D]) with JSON metadata, atomically:
-    a temporary file in the same folder, fsync, then ``os.replace``."""
+    """Write the table as safetensors (tensor ``embeddings`` [K, D]) with JSON metadata, atomically
+    (:func:`difftools.checkpoint.atomic_file`)."""
     from safetensors.torch import save_file
 
+    from difftools.checkpoint import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {"format": EMBEDDINGS_FORMAT, "names": embeddings.names, "targets": embeddings.targets,
             "dim": embeddings.dim, **(meta or {})}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         save_file({"embeddings": embeddings.weight.detach().cpu().contiguous().clone()}, str(tmp),
                   metadata={"caso": json.dumps(info, default=str)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
