@@ -5,12 +5,13 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(ckpt_dir, use_ema: bool = True, device="cpu"):
+def load(ckpt_dir, use_ema: bool = True, device="cpu", verify: bool = True):
     """Rebuild a trained model from a checkpoint directory (see :func:`difftools.checkpoint.load`).
 
     Returns ``Loaded(model, process, prediction, autoencoder, config, dataset_info, path, step)``.
-    Imported lazily so that ``import difftools`` stays light.
+    ``verify=False`` accepts weight files whose sha256 differs from the one recorded at save time
+    (weights edited on purpose). Imported lazily so that ``import difftools`` stays light.
     """
     from difftools.checkpoint import load as _load
 
-    return _load(ckpt_dir, use_ema=use_ema, device=device)
+    return _load(ckpt_dir, use_ema=use_ema, device=device, verify=verify)

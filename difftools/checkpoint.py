@@ -5,8 +5,8 @@ Layout of one checkpoint (``<run>/checkpoints/step_000500/``)::
     model.safetensors   raw weights of the exported model (no loss-module parameters)
     ema.safetensors     EMA weights of the same model (what sampling uses)
     config.yaml         the resolved run config; its ``checkpoint`` node rebuilds everything:
-                        kind, model_class, model (constructor kwargs), process, prediction,
-                        autoencoder, dataset_info, step
+                        weights_sha256 (of every *.safetensors file), kind, model_class, model
+                        (constructor kwargs), process, prediction, autoencoder, dataset_info, step
     state/              training state: optimizer.pt, scheduler.pt, trainer.json (step, data
                         position, EMA count), loss.safetensors (loss-module parameters),
                         rng_<rank>.pt (torch / CUDA / numpy / python / noise generators)
@@ -18,16 +18,35 @@ kill) in the middle of a write must leave the previous checkpoint and the ``late
 untouched. ``os.replace`` of a directory onto a fresh name and of the pointer file are atomic on
 POSIX file systems, so a reader sees either the old or the new state, never a half-written one.
 
-Every ``torch.load`` here uses ``weights_only=True`` and ``map_location="cpu"`` (resume on any
-device, never execute pickled code). The model class is rebuilt from a dotted name restricted to
-the ``difftools`` / ``samplers`` packages.
+Replacing an existing directory takes two renames (old one aside to ``.<name>.old``, new one in).
+A crash between them leaves the complete previous version in ``.<name>.old``; the next read of
+``latest`` or the next write into the same folder renames it back (:func:`recover_directory`), so
+a ``latest`` that names it works again without manual repair.
+
+Nothing in a checkpoint runs code:
+
+* Every ``torch.load`` here uses ``weights_only=True`` and ``map_location="cpu"`` (resume on any
+  device, never execute pickled code).
+* ``model_class`` (and a wrapper's nested ``net_class``) is looked up by its exact name in a
+  registry of rebuildable ``nn.Module`` classes (:func:`register_rebuildable`; the built-in ones
+  are DiT, EDMPrecond and Classifier). Nothing is imported or reached by attribute from the name,
+  so a config.yaml cannot make :func:`load` call an arbitrary function with its keywords.
+
+Corruption is caught on load: config.yaml records the sha256 of every ``*.safetensors`` file it
+was written with (``checkpoint.weights_sha256``, first in the node so that a file truncated at a
+line boundary loses required keys after it), :func:`read_checkpoint_weights` checks it (opt out
+with ``verify=False`` for hand-edited weights) and refuses NaN/inf tensors, and the
+``checkpoint`` node is validated (:func:`checkpoint_node`). Every error is a
+:class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -45,7 +64,14 @@ CONFIG_FILE = "config.yaml"
 STATE_DIR = "state"
 LATEST_FILE = "latest"
 TMP_SUFFIX = ".partial"
-_ALLOWED_MODULE_PREFIXES = ("difftools.", "samplers.")
+OLD_SUFFIX = ".old"
+HASHES_KEY = "weights_sha256"
+#: keys checkpoint_meta writes; all must be present on load (a missing one means a truncated file)
+NODE_KEYS = ("kind", "model_class", "model", "process", "prediction", "autoencoder", "dataset_info", "step")
+#: checkpoint kinds that are not denoisers (no process / prediction); every other kind is one
+NON_DENOISER_KINDS = ("classifier",)
+
+log = logging.getLogger("difftools.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -59,8 +85,52 @@ def tmp_path_for(path: str | os.PathLike) -> Path:
     return path.parent / f".{path.name}{TMP_SUFFIX}"
 
 
+def old_path_for(path: str | os.PathLike) -> Path:
+    """Where :func:`commit_directory` moves an existing ``path`` while the new one is renamed in."""
+    path = Path(path)
+    return path.parent / f".{path.name}{OLD_SUFFIX}"
+
+
+def recover_directory(path: str | os.PathLike) -> bool:
+    """Repair a replace of ``path`` that was interrupted between the two renames of
+    :func:`commit_directory`: if ``path`` is missing and ``.<name>.old`` holds the previous version,
+    rename it back (True); if both exist, the new version made it in and the stale copy is removed.
+
+    Safe to call from several processes at once (the loser of the rename finds ``path`` in place).
+    """
+    path = Path(path)
+    old = old_path_for(path)
+    if not old.is_dir():
+        return False
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+    try:
+        os.replace(old, path)
+    except OSError:
+        if not path.is_dir():
+            raise
+        return False
+    _fsync_dir(path.parent)
+    log.warning("recovered %s from %s: a write replacing it was interrupted between its two renames",
+                path, old.name)
+    return True
+
+
+def recover_interrupted_commits(root: str | os.PathLike) -> list[Path]:
+    """:func:`recover_directory` for every ``.<name>.old`` left in ``root``; the restored paths."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = [p.name[1:-len(OLD_SUFFIX)] for p in root.glob(f".*{OLD_SUFFIX}") if p.is_dir()]
+    return [root / n for n in sorted(names) if n and not n.startswith(".") and recover_directory(root / n)]
+
+
 def begin_directory(path: str | os.PathLike) -> Path:
-    """Create (empty) the temporary directory for ``path``; a stale one from a crash is removed."""
+    """Create (empty) the temporary directory for ``path``; a stale one from a crash is removed, and
+    a replace next to it that crashed half-way is repaired first (:func:`recover_interrupted_commits`)."""
+    path = Path(path)
+    recover_interrupted_commits(path.parent)
     tmp = tmp_path_for(path)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -69,13 +139,18 @@ def begin_directory(path: str | os.PathLike) -> Path:
 
 
 def commit_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Atomically move the finished ``tmp`` directory to ``path`` (replacing an older ``path``)."""
+    """Atomically move the finished ``tmp`` directory to ``path`` (replacing an older ``path``).
+
+    Every file is fsynced before the rename makes it visible. Replacing takes two renames (the old
+    directory aside, the new one in) and the old copy is deleted only after the new one is in place,
+    so a crash at any point leaves a complete version: in ``path``, or in ``.<name>.old`` from where
+    :func:`recover_directory` restores it.
+    """
     tmp, path = Path(tmp), Path(path)
     _fsync_tree(tmp)
     if path.exists():
-        # os.replace cannot overwrite a non-empty directory: move the old one aside first. Between
-        # the two renames ``path`` is briefly absent, but ``latest`` never points at it then.
-        old = path.parent / f".{path.name}.old"
+        # os.replace cannot overwrite a non-empty directory: move the old one aside first
+        old = old_path_for(path)
         if old.exists():
             shutil.rmtree(old)
         os.replace(path, old)
@@ -182,20 +257,119 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_weight_hashes(config: Mapping, folder: str | os.PathLike) -> dict:
+    """``config`` with the sha256 of every ``*.safetensors`` file under ``folder`` (keyed by its
+    path relative to ``folder``) as ``checkpoint.weights_sha256``, the first key of that node.
+
+    First, because the node is the last thing in config.yaml: a copy truncated at a line boundary
+    then loses required keys after the hashes (caught by :func:`checkpoint_node`) instead of
+    silently losing the hashes. Call it after the last weight file is written.
+    """
+    folder = Path(folder)
+    config = dict(config)
+    if not isinstance(config.get("checkpoint"), Mapping):
+        raise ValueError("record_weight_hashes needs the config's 'checkpoint' node (checkpoint_meta)")
+    hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
+    node = {k: v for k, v in config["checkpoint"].items() if k != HASHES_KEY}
+    config["checkpoint"] = {HASHES_KEY: hashes, **node}
+    return config
+
+
+# ------------------------------------------------------------------------ rebuildable classes
+# Only classes in this registry can be rebuilt from a checkpoint's ``model_class`` / ``net_class``,
+# looked up by their exact "module:QualName". The built-in ones register themselves when their
+# module is imported; _BUILTIN_MODEL_MODULES lists those modules (fixed names: nothing a config
+# file says is ever imported).
+_REBUILDABLE: dict[str, type[torch.nn.Module]] = {}
+_BUILTIN_MODEL_MODULES = ("difftools.models.dit", "difftools.models.precond", "difftools.models.classifier")
+
+
 def class_path(obj: Any) -> str:
+    """``"module:QualName"`` of a class or of an instance's class."""
     cls = obj if isinstance(obj, type) else type(obj)
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def register_rebuildable(cls: type) -> type:
+    """Class decorator: let checkpoints rebuild ``cls`` as ``cls(**model.config())``.
+
+    ``cls`` must be an ``nn.Module`` subclass with a ``config()`` method returning its constructor
+    arguments. It is registered under ``class_path(cls)`` (e.g. ``"difftools.models.dit:DiT"``),
+    the name :func:`checkpoint_meta` writes; a module outside difftools must be imported before
+    :func:`load` so that its classes are registered.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise TypeError(f"register_rebuildable: {cls!r} is not an nn.Module subclass")
+    if not callable(getattr(cls, "config", None)):
+        raise TypeError(f"register_rebuildable: {cls.__qualname__} has no config() method returning its "
+                        "constructor arguments")
+    _REBUILDABLE[class_path(cls)] = cls
+    return cls
+
+
+def _load_builtin_models() -> None:
+    for module in _BUILTIN_MODEL_MODULES:
+        importlib.import_module(module)
+
+
+def rebuildable_classes() -> list[str]:
+    """Names a checkpoint's ``model_class`` may take."""
+    _load_builtin_models()
+    return sorted(_REBUILDABLE)
+
+
+def rebuildable_class(name: Any, key: str = "model_class") -> type[torch.nn.Module]:
+    """The registered class called ``name`` (exact match); anything else is a :class:`CheckpointError`
+    (``key`` names the config entry in the message)."""
+    if isinstance(name, str) and name not in _REBUILDABLE:
+        _load_builtin_models()
+    cls = _REBUILDABLE.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise CheckpointError(f"refusing {key} {name!r}: not a class registered for rebuilding from a "
+                              f"checkpoint (registered: {', '.join(rebuildable_classes())}). A class of your "
+                              "own needs @difftools.checkpoint.register_rebuildable and its module imported "
+                              "before loading")
+    return cls
+
+
+def rebuildable_name(obj: Any) -> str:
+    """The registry name of ``obj``'s class; a TypeError if :func:`load` could not rebuild it."""
+    name = class_path(obj)
+    if name not in _REBUILDABLE:
+        _load_builtin_models()
+    if _REBUILDABLE.get(name) is not (obj if isinstance(obj, type) else type(obj)):
+        raise TypeError(f"{name} is not registered for rebuilding from a checkpoint: decorate it with "
+                        "@difftools.checkpoint.register_rebuildable (registered: "
+                        f"{', '.join(rebuildable_classes())})")
+    return name
+
+
 def checkpoint_meta(model: torch.nn.Module, *, kind: str = "dit", process=None, prediction: str | None = None,
                     autoencoder=None, dataset_info=None, step: int | None = None) -> dict:
-    """The ``checkpoint`` node of config.yaml: everything :func:`load` needs to rebuild the model."""
+    """The ``checkpoint`` node of config.yaml: everything :func:`load` needs to rebuild the model.
+
+    A denoiser (any kind but those in ``NON_DENOISER_KINDS``) needs ``process`` and ``prediction``.
+    """
     if not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} has no config() method; a checkpoint needs the "
                         "constructor arguments to rebuild the model")
+    model_class = rebuildable_name(model)
+    if kind not in NON_DENOISER_KINDS and (process is None or prediction is None):
+        raise ValueError(f"a {kind!r} checkpoint is a denoiser and needs process and prediction (got "
+                         f"process={process!r}, prediction={prediction!r}); non-denoisers use kind in "
+                         f"{NON_DENOISER_KINDS}")
     return _plain({
         "kind": kind,
-        "model_class": class_path(model),
+        "model_class": model_class,
         "model": model.config(),
         "process": None if process is None else process.config(),
         "prediction": prediction,
@@ -212,8 +386,9 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: 
     """Write a complete (weights + config) checkpoint directory atomically; single process.
 
     The trainer writes the same layout plus ``state/`` (see :class:`difftools.training.Trainer`).
-    ``config`` is the run config (any nested mapping); the ``checkpoint`` node is added to it.
-    With ``update_latest`` the parent folder's ``latest`` pointer names this checkpoint.
+    ``config`` is the run config (any nested mapping); the ``checkpoint`` node is added to it, with
+    the sha256 of both weight files. With ``update_latest`` the parent folder's ``latest`` pointer
+    names this checkpoint (after the directory is in place).
     """
     path = Path(path)
     full = dict(_plain(config or {}))
@@ -222,7 +397,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: 
     with atomic_directory(path) as tmp:
         save_weights(tmp / MODEL_FILE, model.state_dict())
         save_weights(tmp / EMA_FILE, ema_state if ema_state is not None else model.state_dict())
-        save_config(tmp / CONFIG_FILE, full)
+        save_config(tmp / CONFIG_FILE, record_weight_hashes(full, tmp))
     if update_latest:
         write_latest(path.parent, path.name)
     return path
@@ -245,15 +420,31 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int, prefix: str = "st
 
 
 # ------------------------------------------------------------------------------------ reading
+def _read_text(path: Path, what: str = "") -> str:
+    """A text file's contents; bytes that are not UTF-8 are a :class:`CheckpointError` naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"corrupt {what}{path}: not UTF-8 text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 4]!r})") from err
+
+
 def read_latest(root: str | os.PathLike) -> Path | None:
-    """The checkpoint directory ``root/latest`` points at, or None when there is no pointer."""
+    """The checkpoint directory ``root/latest`` points at, or None when there is no pointer.
+
+    A pointer naming a directory whose replacement crashed half-way is repaired first
+    (:func:`recover_directory`); the result may still not exist (deleted by hand).
+    """
     pointer = Path(root) / LATEST_FILE
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
-    if not name or "/" in name or name.startswith("."):
+    name = _read_text(pointer, "pointer ").strip()
+    if not name or "/" in name or "\\" in name or name.startswith("."):
         raise CheckpointError(f"corrupt pointer {pointer}: {name!r} is not a checkpoint name")
-    return Path(root) / name
+    target = Path(root) / name
+    if not target.is_dir():
+        recover_directory(target)
+    return target
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -261,6 +452,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     run directory."""
     path = Path(path).expanduser()
     if not path.exists():
+        if recover_directory(path):  # a checkpoint directory named directly, mid-replace
+            return path
         raise CheckpointError(f"checkpoint not found: {path} does not exist")
     if (path / CONFIG_FILE).is_file() or (path / MODEL_FILE).is_file():
         return path
@@ -287,7 +480,11 @@ def require_file(ckpt: Path, name: str) -> Path:
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a truncated or garbled file raises :class:`CheckpointError`."""
+    """Read a safetensors file; a truncated or garbled file raises :class:`CheckpointError`.
+
+    This checks the file's structure only; :func:`read_checkpoint_weights` also checks its recorded
+    sha256 and that every value is finite.
+    """
     from safetensors.torch import load_file
 
     try:
@@ -296,15 +493,97 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"corrupt weights file {path}: {err}") from err
 
 
+def check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse NaN / inf in any floating-point tensor (naming ``source`` and the tensor)."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(f"corrupt weights file {source}: tensor {key!r} has {bad} non-finite "
+                                      f"value(s) of {value.numel()} (NaN/inf); a model with them produces "
+                                      "NaN or blank samples. Use an earlier checkpoint")
+
+
+def read_checkpoint_weights(ckpt: str | os.PathLike, name: str, node: Mapping | None, *, verify: bool = True,
+                            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load ``ckpt/name`` (e.g. ``ema.safetensors``, ``state/loss.safetensors``) after checking its
+    sha256 against ``node["weights_sha256"]`` (the validated ``checkpoint`` node of config.yaml), and
+    refuse non-finite values.
+
+    ``verify=False`` skips the hash check (weights edited on purpose); checkpoints written before
+    hashes were recorded load with the check skipped and a log line.
+    """
+    ckpt = Path(ckpt)
+    f = require_file(ckpt, name)
+    recorded = (node or {}).get(HASHES_KEY)
+    if not verify:
+        log.info("%s: sha256 check skipped (verify=False)", f)
+    elif recorded is None:
+        log.info("%s: no sha256 recorded in %s (written before checkpoints recorded them); integrity not "
+                 "verified", f, ckpt / CONFIG_FILE)
+    elif name not in recorded:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE} records the sha256 of {sorted(recorded)} but not of "
+                              f"{name}: the file was added after the checkpoint was written")
+    else:
+        actual = file_sha256(f)
+        if actual != recorded[name]:
+            raise CheckpointError(
+                f"corrupt weights file {f}: its sha256 is {actual}, but {ckpt / CONFIG_FILE} records "
+                f"{recorded[name]}: the file changed after it was saved (disk or copy error). Use another "
+                "checkpoint; if you edited the weights on purpose, load with verify=False "
+                "(scripts/sample.py: verify_weights=false)")
+    state = load_weights(f, device)
+    check_finite(state, f)
+    return state
+
+
 def load_config(ckpt: str | os.PathLike) -> dict:
+    """config.yaml of a checkpoint as a dict (any error names the file)."""
     f = require_file(Path(ckpt), CONFIG_FILE)
     try:
-        cfg = yaml.safe_load(f.read_text())
+        cfg = yaml.safe_load(_read_text(f))
     except yaml.YAMLError as err:
         raise CheckpointError(f"corrupt {f}: not valid YAML ({err})") from err
     if not isinstance(cfg, dict):
         raise CheckpointError(f"corrupt {f}: expected a mapping at top level, got {type(cfg).__name__}")
     return cfg
+
+
+def checkpoint_node(config: Mapping, source: str | os.PathLike) -> dict:
+    """The ``checkpoint`` node of a loaded config.yaml, validated (``source`` is the file, for errors).
+
+    Every key :func:`checkpoint_meta` writes must be present (a missing one means a truncated or
+    edited file); ``model_class`` is a string and ``model`` a mapping; a denoiser (any kind but
+    ``NON_DENOISER_KINDS``) has a ``process`` mapping and a known ``prediction``.
+    """
+    from difftools.process import PREDICTIONS
+
+    node = config.get("checkpoint")
+    if not isinstance(node, dict):
+        raise CheckpointError(f"{source} has no 'checkpoint' node (found {node!r}): not written by "
+                              "difftools.checkpoint, or the file was truncated")
+    missing = [k for k in NODE_KEYS if k not in node]
+    if missing:
+        raise CheckpointError(f"corrupt {source}: checkpoint node lacks {', '.join(missing)} (the file was "
+                              "truncated or edited); restore it from a copy or use another checkpoint")
+
+    def bad(key: str, expected: str):
+        return CheckpointError(f"corrupt {source}: checkpoint.{key} should be {expected}, got {node[key]!r}")
+
+    if not isinstance(node["model_class"], str):
+        raise bad("model_class", "a 'module:Class' string")
+    if not isinstance(node["model"], dict):
+        raise bad("model", "a mapping of constructor arguments")
+    if node["kind"] not in NON_DENOISER_KINDS:
+        if not isinstance(node["process"], dict):
+            raise bad("process", f"a process config mapping (a {node['kind']!r} checkpoint is a denoiser)")
+        if node["prediction"] not in PREDICTIONS:
+            raise bad("prediction", f"one of {PREDICTIONS} (a {node['kind']!r} checkpoint is a denoiser)")
+    hashes = node.get(HASHES_KEY)
+    if hashes is not None and not (isinstance(hashes, dict)
+                                   and all(isinstance(v, str) for v in hashes.values())):
+        raise bad(HASHES_KEY, "a mapping of file name to sha256 hex string")
+    return node
 
 
 def torch_load(path: str | os.PathLike) -> Any:
@@ -319,23 +598,11 @@ def torch_load(path: str | os.PathLike) -> Any:
 
 def read_json(path: str | os.PathLike) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(_read_text(Path(path)))
     except FileNotFoundError as err:
         raise CheckpointError(f"incomplete checkpoint: missing {path}") from err
     except json.JSONDecodeError as err:
         raise CheckpointError(f"corrupt {path}: {err}") from err
-
-
-def import_class(path: str):
-    """``"difftools.models.dit:DiT"`` -> the class; only difftools / samplers modules are allowed."""
-    module, _, qualname = str(path).partition(":")
-    if not module.startswith(_ALLOWED_MODULE_PREFIXES) or not qualname:
-        raise CheckpointError(f"refusing model_class {path!r}: only classes from the difftools or samplers "
-                              "packages can be rebuilt from a checkpoint")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @dataclass
@@ -353,38 +620,59 @@ class Loaded:
     step: int | None
 
 
-def load(ckpt_dir: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu") -> Loaded:
+def load(ckpt_dir: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu",
+         verify: bool = True) -> Loaded:
     """Rebuild model (+ process, prediction, autoencoder) from a checkpoint directory.
 
     ``ckpt_dir`` may be the checkpoint itself, its ``checkpoints/`` folder or the run directory
     (the ``latest`` pointer is followed). ``use_ema`` picks ``ema.safetensors`` (what sampling
-    should use) over the raw ``model.safetensors``. The model comes back in eval mode.
+    should use) over the raw ``model.safetensors``. ``verify=False`` skips the check of the weight
+    file against the sha256 recorded in config.yaml (for hand-edited weights); NaN/inf weights are
+    refused either way. The model comes back in eval mode.
     """
     ckpt = resolve_checkpoint(ckpt_dir)
     config = load_config(ckpt)
-    meta = config.get("checkpoint")
-    if not isinstance(meta, dict) or "model" not in meta or "model_class" not in meta:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE} has no 'checkpoint' node with model_class and model: "
-                              "not written by difftools.checkpoint")
-    weights_file = require_file(ckpt, EMA_FILE if use_ema else MODEL_FILE)
-    state = load_weights(weights_file)
-    cls = import_class(meta["model_class"])
-    model = cls(**meta["model"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    source = ckpt / CONFIG_FILE
+    meta = checkpoint_node(config, source)
+    try:  # refused before anything is built or read
+        cls = rebuildable_class(meta["model_class"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    weights_file = EMA_FILE if use_ema else MODEL_FILE
+    state = read_checkpoint_weights(ckpt, weights_file, meta, verify=verify)
+    try:
+        model = cls(**meta["model"])
+    except CheckpointError as err:  # e.g. EDMPrecond's nested net_class refused
+        raise CheckpointError(f"{source}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"corrupt {source}: cannot build {meta['model_class']} from checkpoint.model: "
+                              f"{err}") from err
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise CheckpointError(f"{ckpt / weights_file} does not match {meta['model_class']} as configured in "
+                              f"{source}: {err}") from err
     if missing or unexpected:
-        raise CheckpointError(f"{weights_file} does not match {meta['model_class']}: missing keys "
+        raise CheckpointError(f"{ckpt / weights_file} does not match {meta['model_class']}: missing keys "
                               f"{missing[:5]}, unexpected keys {unexpected[:5]}")
     model.to(device).eval()
 
     process = None
-    if meta.get("process") is not None:
+    if meta["process"] is not None:
         from difftools.process import process_from_config
 
-        process = process_from_config(meta["process"])
+        try:
+            process = process_from_config(meta["process"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"corrupt {source}: checkpoint.process {meta['process']!r}: {err}") from err
     autoencoder = None
-    if meta.get("autoencoder") is not None:
+    if meta["autoencoder"] is not None:
         from difftools.models.vae import autoencoder_from_config
 
-        autoencoder = autoencoder_from_config(meta["autoencoder"]).to(device)
-    return Loaded(model=model, process=process, prediction=meta.get("prediction"), autoencoder=autoencoder,
-                  config=config, dataset_info=meta.get("dataset_info"), path=ckpt, step=meta.get("step"))
+        try:
+            autoencoder = autoencoder_from_config(meta["autoencoder"]).to(device)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"corrupt {source}: checkpoint.autoencoder {meta['autoencoder']!r}: "
+                                  f"{err}") from err
+    return Loaded(model=model, process=process, prediction=meta["prediction"], autoencoder=autoencoder,
+                  config=config, dataset_info=meta["dataset_info"], path=ckpt, step=meta["step"])

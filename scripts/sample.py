@@ -5,7 +5,8 @@
         num_samples=<n> seed=<s>
     accelerate launch --num_processes <gpus> scripts/sample.py ...      # shards indices over GPUs
 
-Config: conf/sample.yaml. Loads the EMA weights and the run config (difftools.checkpoint.load),
+Config: conf/sample.yaml. Loads the EMA weights and the run config (difftools.checkpoint.load; the
+weights are checked against the sha256 recorded at save time unless ``verify_weights=false``),
 draws image i from its own seed with label i mod num_classes (class-balanced; so the samples do
 not depend on batch size or GPU count), and writes to ``out`` (default Hydra's run dir):
 
@@ -83,7 +84,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     state = PartialState()
     device = torch.device(cfg.device) if cfg.device else state.device
     out = Path(out)
-    loaded = load(ckpt, use_ema=True, device=device)
+    loaded = load(ckpt, use_ema=True, device=device, verify=bool(cfg.get("verify_weights", True)))
     if cfg.get("schedule_file"):
         from samplers.search import SolverSchedule
 

@@ -178,3 +178,67 @@ def test_clear_errors(tiny_ckpt, tmp_path, over, message):
     with pytest.raises(Exception, match=message):
         mod.run(cfg, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _overwrite_tensor_bytes(path: Path, byte: int) -> None:
+    """Keep the safetensors header intact, overwrite every tensor byte (a silent disk/copy error)."""
+    data = path.read_bytes()
+    body = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:body] + bytes([byte]) * (len(data) - body))
+
+
+def test_cli_refuses_corrupt_weights_with_exit_code_2(tiny_ckpt, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "step_000060"
+    shutil.copytree(tiny_ckpt, ckpt)
+    _overwrite_tensor_bytes(ckpt / "ema.safetensors", 0)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sample.py"), f"ckpt={ckpt}", "num_samples=4", "steps=2",
+         f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", "progress=false", "metrics.enabled=false"],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: corrupt weights file {ckpt}/ema.safetensors: its sha256 is" in proc.stderr
+    assert "verify_weights=false" in proc.stderr
+    assert not any(out.iterdir())  # no (black) images written
+
+
+def test_verify_weights_false_samples_hand_edited_weights(tiny_ckpt, tmp_path):
+    import shutil
+
+    mod = load_script()
+    ckpt = tmp_path / "step_000060"
+    shutil.copytree(tiny_ckpt, ckpt)
+    _overwrite_tensor_bytes(ckpt / "ema.safetensors", 0)  # finite: zeros
+    opts = dict(ckpt=str(ckpt), steps=2, num_samples=4, save={"png": False, "grid": False},
+                metrics={"enabled": False})
+    from difftools.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sha256"):
+        mod.run(make_cfg(**opts), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    rec = mod.run(make_cfg(verify_weights=False, **opts), tmp_path / "b")
+    assert rec["num_samples"] == 4 and (tmp_path / "b" / "samples.npz").is_file()
+
+
+def test_checkpoint_payload_runs_no_code_in_sample_script(tiny_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from difftools.checkpoint import CheckpointError
+
+    mod = load_script()
+    ckpt = tmp_path / "step_000060"
+    shutil.copytree(tiny_ckpt, ckpt)
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["checkpoint"]["model_class"] = "difftools.checkpoint:os.system"
+    cfg["checkpoint"]["model"] = {"command": "touch pwned.marker"}
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"refusing model_class 'difftools\.checkpoint:os\.system'"):
+        mod.run(make_cfg(ckpt=str(ckpt), steps=2, num_samples=4, metrics={"enabled": False}), tmp_path)
+    assert not (tmp_path / "pwned.marker").exists()

@@ -193,8 +193,7 @@ class NFTRun:
         return reward
 
     def _base_sha(self) -> str:
-        from difftools.checkpoint import EMA_FILE, MODEL_FILE
-        from difftools.metrics.features import file_sha256
+        from difftools.checkpoint import EMA_FILE, MODEL_FILE, file_sha256
 
         return file_sha256(self.base.path / (EMA_FILE if self.cfg.base_weights == "ema" else MODEL_FILE))
 
@@ -390,8 +389,10 @@ class NFTRun:
                 state.mkdir()
                 ckpt_io.save_weights(tmp / ckpt_io.MODEL_FILE, self.raw_model.state_dict())
                 ckpt_io.save_weights(tmp / ckpt_io.EMA_FILE, self.ema.state_dict())
-                ckpt_io.save_config(tmp / ckpt_io.CONFIG_FILE, self.checkpoint_config())
                 ckpt_io.save_weights(state / "old.safetensors", self.old.state_dict())
+                # after every weight file: config.yaml records their sha256 (checked on load)
+                config = ckpt_io.record_weight_hashes(self.checkpoint_config(), tmp)
+                ckpt_io.save_config(tmp / ckpt_io.CONFIG_FILE, config)
                 torch.save(self.opt.state_dict(), state / "optimizer.pt")
                 torch.save(capture_rng(), state / "rng.pt")
                 c = self.cfg
@@ -434,10 +435,11 @@ class NFTRun:
                 f"{path} fine-tunes base {meta.get('base')} (weights sha256 "
                 f"{str(meta.get('base_sha256'))[:12]}), but base={c.base} has sha256 {self.base_sha[:12]}: "
                 "the reference model would differ")
-        self.raw_model.load_state_dict(ckpt_io.load_weights(ckpt_io.require_file(path, ckpt_io.MODEL_FILE)))
-        self.ema.load_state_dict(ckpt_io.load_weights(ckpt_io.require_file(path, ckpt_io.EMA_FILE)),
+        node = ckpt_io.checkpoint_node(ckpt_io.load_config(path), path / ckpt_io.CONFIG_FILE)
+        self.raw_model.load_state_dict(ckpt_io.read_checkpoint_weights(path, ckpt_io.MODEL_FILE, node))
+        self.ema.load_state_dict(ckpt_io.read_checkpoint_weights(path, ckpt_io.EMA_FILE, node),
                                  meta["ema_updates"])
-        self.old.load_state_dict(ckpt_io.load_weights(ckpt_io.require_file(path, "state/old.safetensors")))
+        self.old.load_state_dict(ckpt_io.read_checkpoint_weights(path, "state/old.safetensors", node))
         self.opt.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/optimizer.pt")))
         restore_rng(ckpt_io.torch_load(ckpt_io.require_file(path, "state/rng.pt")))
         self.iteration = int(meta["iteration"])

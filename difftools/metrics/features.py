@@ -24,7 +24,6 @@ Weights are never downloaded unless ``allow_download=True`` is passed explicitly
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import zipfile
 from abc import ABC, abstractmethod
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difftools.checkpoint import file_sha256  # noqa: F401 (re-exported: one hashing helper for all files)
 from difftools.device import default_device  # noqa: F401 (re-exported: metrics callers use it)
 
 # pytorch-fid names its file with the first 8 hex digits of the file's sha256.
@@ -46,14 +46,6 @@ INCEPTION_MODES = ("legacy_pytorch", "clean")
 def cache_dir() -> Path:
     """Root of difftools' caches: ``$DIFFTOOLS_CACHE`` or ``~/.cache/difftools``."""
     return Path(os.environ.get("DIFFTOOLS_CACHE", Path.home() / ".cache" / "difftools"))
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from difftools.checkpoint import register_rebuildable
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of 1000 t (t in [0, 1]): [cos(1000 t w_k), sin(1000 t w_k)],
@@ -65,6 +67,7 @@ class ConvBNAct(nn.Module):
         return F.gelu(x)
 
 
+@register_rebuildable
 class Classifier(nn.Module):
     """Image classifier ``logits = net(x, t=None)``; ``features(x, t)`` gives the pooled
     penultimate activations ([B, widths[-1]]).
@@ -155,8 +158,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     Returns the model (eval mode) and a dict with ``name``, ``weights_sha256``, ``dataset_info``,
     ``process`` (noise-conditional only), ``test_accuracy`` and ``path``."""
-    from difftools.checkpoint import EMA_FILE, CheckpointError, load, resolve_checkpoint
-    from difftools.metrics.features import file_sha256
+    from difftools.checkpoint import EMA_FILE, CheckpointError, file_sha256, load, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     loaded = load(ckpt, use_ema=True, device=device)

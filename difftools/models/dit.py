@@ -42,6 +42,7 @@ import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Mlp
 
+from difftools.checkpoint import register_rebuildable
 from difftools.nn.attention import BACKENDS, attention
 
 #: name -> (hidden_size, depth, num_heads); combine with a patch size: "DiT-S/2", "DiT-B/4", ...
@@ -200,6 +201,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+@register_rebuildable
 class DiT(nn.Module):
     """Diffusion transformer on [B, C, H, W] images or latents, class-conditional or not.
 

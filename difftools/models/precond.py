@@ -39,6 +39,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from difftools.checkpoint import rebuildable_class, rebuildable_name, register_rebuildable
+
 #: inner-net attributes that the trainer, sample grids, losses and metric scripts read
 _PASSTHROUGH = ("input_size", "in_channels", "out_channels", "num_classes", "null_class", "hidden_size",
                 "depth", "patch_size", "num_tokens", "grid_size")
@@ -53,6 +55,7 @@ def edm_coefficients(alpha: torch.Tensor, sigma: torch.Tensor, sigma_data: float
     return q.rsqrt(), sigma_data**2 * alpha / q, sigma * sigma_data * q.rsqrt()
 
 
+@register_rebuildable
 class EDMPrecond(nn.Module):
     """``D(x_t, t, *cond) = c_skip x_t + c_out net(c_in x_t, t_in, *cond)``: an x0 prediction.
 
@@ -62,7 +65,8 @@ class EDMPrecond(nn.Module):
         process: the noise process (alpha, sigma), or its ``config()`` mapping.
         sigma_data: data standard deviation (0.5 in EDM for images in [-1, 1]).
         sigma_min, sigma_max: noise levels mapped to t_in = 0 and 1 (EDM's sampling range).
-        net_class: ``"module:Class"`` of ``net`` when ``net`` is a mapping.
+        net_class: ``"module:Class"`` of ``net`` when ``net`` is a mapping; only classes registered
+            with :func:`difftools.checkpoint.register_rebuildable` are accepted.
 
     ``return_hidden`` and any other argument go to the inner net; a ``(pred, hidden)`` result comes
     back as ``(D, hidden)``.
@@ -72,11 +76,9 @@ class EDMPrecond(nn.Module):
                  sigma_max: float = 80.0, net_class: str | None = None):
         super().__init__()
         if isinstance(net, Mapping):
-            from difftools.checkpoint import import_class  # allow-listed import, no unpickling
-
             if net_class is None:
                 raise ValueError("EDMPrecond(net=<mapping>) needs net_class, e.g. 'difftools.models.dit:DiT'")
-            net = import_class(net_class)(**net)
+            net = rebuildable_class(net_class, key="net_class")(**net)  # registered classes only
         if isinstance(process, Mapping):
             from difftools.process import process_from_config
 
@@ -122,10 +124,9 @@ class EDMPrecond(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments: ``EDMPrecond(**wrapper.config())`` rebuilds it (inner net included)."""
-        from difftools.checkpoint import class_path
-
-        return {"net": self.net.config(), "net_class": class_path(self.net), "process": self.process.config(),
-                "sigma_data": self.sigma_data, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+        return {"net": self.net.config(), "net_class": rebuildable_name(self.net),
+                "process": self.process.config(), "sigma_data": self.sigma_data, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max}
 
     def extra_repr(self) -> str:
         return f"sigma_data={self.sigma_data}, t_in=log-sigma over [{self.sigma_min}, {self.sigma_max}]"

@@ -227,9 +227,23 @@ class Trainer:
         r = self.cfg.resume
         if not r:
             return None
-        if str(r) == "auto":
-            return ckpt_io.read_latest(self.ckpt_root)
-        return ckpt_io.resolve_checkpoint(r)
+        if str(r) != "auto":
+            return ckpt_io.resolve_checkpoint(r)
+        latest = ckpt_io.read_latest(self.ckpt_root)  # repairs a replace interrupted half-way
+        if latest is None:
+            if self.is_main:
+                log.info("trainer.resume=auto: no checkpoint in %s (no '%s' pointer); starting from step 0",
+                         self.ckpt_root, ckpt_io.LATEST_FILE)
+            return None
+        if not latest.is_dir():
+            raise ckpt_io.CheckpointError(
+                f"trainer.resume=auto: {self.ckpt_root / ckpt_io.LATEST_FILE} names {latest.name}, but "
+                f"{latest} does not exist (deleted?); pass trainer.resume=<an existing checkpoint dir> or "
+                "trainer.resume=null")
+        if self.is_main:
+            log.info("trainer.resume=auto: resuming from %s (named by %s)", latest,
+                     self.ckpt_root / ckpt_io.LATEST_FILE)
+        return latest
 
     def _loader(self, start: int) -> DataLoader:
         workers = self.cfg.num_workers
@@ -381,7 +395,7 @@ class Trainer:
         return config
 
     def save(self) -> Path:
-        """Write ``checkpoints/step_XXXXXXX`` atomically, move ``latest``, prune old ones."""
+        """Write ``checkpoints/step_XXXXXXX`` atomically, then move ``latest``, then prune old ones."""
         path = self.ckpt_root / f"step_{self.step:07d}"
         tmp = ckpt_io.tmp_path_for(path)
         if self.is_main:
@@ -404,7 +418,9 @@ class Trainer:
                              "global_batch": self.cfg.batch_size, "world_size": self.acc.num_processes,
                              "seed": self.cfg.seed, "trainer": asdict(self.cfg)}
             (state / "trainer.json").write_text(json.dumps(trainer_state, indent=1, default=str))
-            ckpt_io.save_config(tmp / ckpt_io.CONFIG_FILE, self.checkpoint_config())
+            # after every weight file: config.yaml records their sha256 (checked on load)
+            config = ckpt_io.record_weight_hashes(self.checkpoint_config(), tmp)
+            ckpt_io.save_config(tmp / ckpt_io.CONFIG_FILE, config)
             self._before_commit(tmp)
             ckpt_io.commit_directory(tmp, path)
             ckpt_io.write_latest(self.ckpt_root, path.name)
@@ -425,18 +441,21 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"{path} was trained with global batch {meta.get('global_batch')}, this run uses "
                 f"{self.cfg.batch_size}: the data order would differ; set trainer.batch_size to match")
-        self.raw_model.load_state_dict(ckpt_io.load_weights(ckpt_io.require_file(path, ckpt_io.MODEL_FILE)))
+        # weight files are checked against the sha256 in config.yaml and for NaN/inf
+        node = ckpt_io.checkpoint_node(ckpt_io.load_config(path), path / ckpt_io.CONFIG_FILE)
+        self.raw_model.load_state_dict(ckpt_io.read_checkpoint_weights(path, ckpt_io.MODEL_FILE, node))
         if (state / "loss.safetensors").is_file():
-            self.loss_fn.load_state_dict(ckpt_io.load_weights(state / "loss.safetensors"))
+            loss_state = ckpt_io.read_checkpoint_weights(path, "state/loss.safetensors", node)
+            self.loss_fn.load_state_dict(loss_state)
         elif self.loss_fn.state_dict():
             raise ckpt_io.CheckpointError(f"{path} has no state/loss.safetensors, but this loss has "
                                           "parameters")
-        ema_state = ckpt_io.load_weights(ckpt_io.require_file(path, ckpt_io.EMA_FILE))
+        ema_state = ckpt_io.read_checkpoint_weights(path, ckpt_io.EMA_FILE, node)
         self.ema.load_state_dict(ema_state, meta["ema_updates"])
         self.opt.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/optimizer.pt")))
         self.sched.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/scheduler.pt")))
         self.step = int(meta["step"])
-        ae_cfg = (ckpt_io.load_config(path).get("checkpoint") or {}).get("autoencoder") or {}
+        ae_cfg = node["autoencoder"] or {}
         if self.autoencoder is not None and ae_cfg.get("scale") is not None:
             self.autoencoder.scale, self.autoencoder.shift = ae_cfg["scale"], ae_cfg.get("shift")
         rng_file = state / f"rng_{self.acc.process_index}.pt"
