@@ -2,7 +2,8 @@
 
 * ``samplers`` is the bottom layer: no samplers file imports ``difftools``, anywhere in the file,
   and every samplers module imports (and samples) in a process where ``difftools`` cannot be imported.
-* No import cycles between the parts of ``difftools``: every ``difftools/<sub>/`` package and every
+* Imports point down the layers (``LAYERS``, as in docs/architecture.md), and there are no import
+  cycles between the parts of ``difftools``: every ``difftools/<sub>/`` package and every
   ``difftools/<module>.py`` is one node, ``samplers/<sub>/`` and ``samplers/<module>.py`` likewise,
   and an import anywhere in a file (module level, inside a function, under ``TYPE_CHECKING``) is an
   edge: a function-local import runs later but still needs the other part, which is how cycles hide.
@@ -37,6 +38,20 @@ KNOWN_CYCLES: dict[tuple[str, str], str] = {
         "EDMPrecond rebuilds its inner net with checkpoint.import_class and records checkpoint.class_path"
     ),
 }
+
+
+# The layers, bottom to top (docs/architecture.md): a node imports nodes of its own layer or below.
+# Every samplers module is in the bottom layer; difftools.process re-exports samplers.process.
+LAYERS: list[tuple[str, ...]] = [
+    ("samplers", "difftools.process"),
+    ("difftools.device", "difftools.nn", "difftools.models"),
+    ("difftools.data",),
+    ("difftools.losses",),
+    ("difftools.training", "difftools.checkpoint"),
+    ("difftools.metrics",),
+    ("difftools.rl", "difftools.discrete", "difftools.editing"),
+    ("difftools",),  # the package root: difftools.load
+]
 
 
 @dataclass(frozen=True)
@@ -186,6 +201,12 @@ def allowed(e: Edge) -> bool:
     return (e.file, e.target) in KNOWN_CYCLES
 
 
+def layer_of(node: str) -> int | None:
+    if node.split(".")[0] == "samplers":
+        return 0
+    return next((i for i, layer in enumerate(LAYERS) if node in layer), None)
+
+
 # ------------------------------------------------------------------------------------------ tests
 def test_samplers_import_nothing_from_difftools():
     bad = [e for e in import_edges() if e.source.startswith("samplers") and e.target.startswith("difftools")]
@@ -200,6 +221,18 @@ def test_no_import_cycles_beyond_the_known_ones():
         "import cycles (move the shared code down a layer, or import the other way round):\n"
         + "\n".join(describe(c, remaining) for c in found)
     )
+
+
+def test_every_part_has_a_layer():
+    nodes = {node_of(m) for m in module_files()}
+    missing = sorted(n for n in nodes if layer_of(n) is None)
+    assert not missing, f"put {missing} into LAYERS in {__file__} (and into docs/architecture.md)"
+
+
+def test_imports_point_down_the_layers():
+    edges = [e for e in import_edges() if not allowed(e)]
+    upward = [e for e in edges if (layer_of(e.target) or 0) > (layer_of(e.source) or 0)]
+    assert not upward, "imports from a higher layer (see LAYERS):\n" + "\n".join(map(str, upward))
 
 
 def test_known_cycles_are_still_cycles():
