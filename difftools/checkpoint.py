@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -57,6 +56,15 @@ from typing import Any
 
 import torch
 import yaml
+
+from difftools.models.registry import (  # noqa: F401 (register_rebuildable re-exported)
+    UnregisteredClassError,
+    class_path,
+    rebuildable_class,
+    rebuildable_classes,
+    rebuildable_name,
+    register_rebuildable,
+)
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -282,75 +290,6 @@ def record_weight_hashes(config: Mapping, folder: str | os.PathLike) -> dict:
     node = {k: v for k, v in config["checkpoint"].items() if k != HASHES_KEY}
     config["checkpoint"] = {HASHES_KEY: hashes, **node}
     return config
-
-
-# ------------------------------------------------------------------------ rebuildable classes
-# Only classes in this registry can be rebuilt from a checkpoint's ``model_class`` / ``net_class``,
-# looked up by their exact "module:QualName". The built-in ones register themselves when their
-# module is imported; _BUILTIN_MODEL_MODULES lists those modules (fixed names: nothing a config
-# file says is ever imported).
-_REBUILDABLE: dict[str, type[torch.nn.Module]] = {}
-_BUILTIN_MODEL_MODULES = ("difftools.models.dit", "difftools.models.precond", "difftools.models.classifier")
-
-
-def class_path(obj: Any) -> str:
-    """``"module:QualName"`` of a class or of an instance's class."""
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def register_rebuildable(cls: type) -> type:
-    """Class decorator: let checkpoints rebuild ``cls`` as ``cls(**model.config())``.
-
-    ``cls`` must be an ``nn.Module`` subclass with a ``config()`` method returning its constructor
-    arguments. It is registered under ``class_path(cls)`` (e.g. ``"difftools.models.dit:DiT"``),
-    the name :func:`checkpoint_meta` writes; a module outside difftools must be imported before
-    :func:`load` so that its classes are registered.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise TypeError(f"register_rebuildable: {cls!r} is not an nn.Module subclass")
-    if not callable(getattr(cls, "config", None)):
-        raise TypeError(f"register_rebuildable: {cls.__qualname__} has no config() method returning its "
-                        "constructor arguments")
-    _REBUILDABLE[class_path(cls)] = cls
-    return cls
-
-
-def _load_builtin_models() -> None:
-    for module in _BUILTIN_MODEL_MODULES:
-        importlib.import_module(module)
-
-
-def rebuildable_classes() -> list[str]:
-    """Names a checkpoint's ``model_class`` may take."""
-    _load_builtin_models()
-    return sorted(_REBUILDABLE)
-
-
-def rebuildable_class(name: Any, key: str = "model_class") -> type[torch.nn.Module]:
-    """The registered class called ``name`` (exact match); anything else is a :class:`CheckpointError`
-    (``key`` names the config entry in the message)."""
-    if isinstance(name, str) and name not in _REBUILDABLE:
-        _load_builtin_models()
-    cls = _REBUILDABLE.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise CheckpointError(f"refusing {key} {name!r}: not a class registered for rebuilding from a "
-                              f"checkpoint (registered: {', '.join(rebuildable_classes())}). A class of your "
-                              "own needs @difftools.checkpoint.register_rebuildable and its module imported "
-                              "before loading")
-    return cls
-
-
-def rebuildable_name(obj: Any) -> str:
-    """The registry name of ``obj``'s class; a TypeError if :func:`load` could not rebuild it."""
-    name = class_path(obj)
-    if name not in _REBUILDABLE:
-        _load_builtin_models()
-    if _REBUILDABLE.get(name) is not (obj if isinstance(obj, type) else type(obj)):
-        raise TypeError(f"{name} is not registered for rebuilding from a checkpoint: decorate it with "
-                        "@difftools.checkpoint.register_rebuildable (registered: "
-                        f"{', '.join(rebuildable_classes())})")
-    return name
 
 
 def checkpoint_meta(model: torch.nn.Module, *, kind: str = "dit", process=None, prediction: str | None = None,
@@ -636,13 +575,13 @@ def load(ckpt_dir: str | os.PathLike, use_ema: bool = True, device: str | torch.
     meta = checkpoint_node(config, source)
     try:  # refused before anything is built or read
         cls = rebuildable_class(meta["model_class"])
-    except CheckpointError as err:
+    except UnregisteredClassError as err:
         raise CheckpointError(f"{source}: {err}") from err
     weights_file = EMA_FILE if use_ema else MODEL_FILE
     state = read_checkpoint_weights(ckpt, weights_file, meta, verify=verify)
     try:
         model = cls(**meta["model"])
-    except CheckpointError as err:  # e.g. EDMPrecond's nested net_class refused
+    except UnregisteredClassError as err:  # e.g. EDMPrecond's nested net_class refused
         raise CheckpointError(f"{source}: {err}") from err
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"corrupt {source}: cannot build {meta['model_class']} from checkpoint.model: "

@@ -3,10 +3,10 @@
 Parameterisation conversions (t = 0 data, t = 1 noise everywhere in difftools):
 
 * VP schedulers (DDPM/DDIM/DPM-Solver/UniPC/Euler configs with betas): the process is
-  ``VP.from_alphas_cumprod(alphas_cumprod)`` (a :class:`~difftools.process.DiscreteVP`); training
+  ``VP.from_alphas_cumprod(alphas_cumprod)`` (a :class:`~samplers.process.DiscreteVP`); training
   index k sits at t = (k+1)/N, so the network is called with timestep N t - 1.
 * Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler`` configs): x_t = (1 - s) x0 + s eps
-  with s = t, i.e. our :class:`~difftools.process.Flow`; the network is called with timestep N t;
+  with s = t, i.e. our :class:`~samplers.process.Flow`; the network is called with timestep N t;
   its output is the velocity eps - x0 (prediction ``flow``). A ``shift`` != 1 in the config only
   reshapes diffusers' time grid; pass your own ``times`` to :func:`samplers.sample` to mimic it.
 * prediction_type: ``epsilon`` -> ``eps``, ``v_prediction`` -> ``v``, ``sample`` -> ``x0``,
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from difftools.process import VP, Flow
 from samplers.model import ModelFn
+from samplers.process import VP, Flow
 
 _PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 

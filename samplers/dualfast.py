@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from difftools.process import Denoised, broadcast_to
+from samplers.process import Denoised, broadcast_to
 
 SCHEDULES = ("linear", "constant", "increasing")
 

@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from difftools.process import broadcast_to
 from samplers.model import ModelFn
+from samplers.process import broadcast_to
 
 _DIMS_ERR = "guidance needs batched inputs x of shape [B, ...]"
 

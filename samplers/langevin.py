@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from difftools.process import as_time
+from samplers.process import as_time
 
 
 def _sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """ModelFn: a network plus the process it was trained on, seen as a denoiser.
 
 A network is called ``net(x_t, time_input(t), **cond) -> prediction`` where the prediction is of
-one declared type (``eps``, ``x0``, ``v`` or ``flow``, see :mod:`difftools.process`). Solvers never
+one declared type (``eps``, ``x0``, ``v`` or ``flow``, see :mod:`samplers.process`). Solvers never
 look at the raw output: they ask a ModelFn for the clean-sample estimate x0 and the noise estimate
 eps at (x_t, t), and read ``nfe`` to report their cost.
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from difftools.process import PREDICTIONS, Denoised, NoiseProcess, as_time
+from samplers.process import PREDICTIONS, Denoised, NoiseProcess, as_time
 
 
 class ModelFn:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from difftools.process import as_time
+from samplers.process import as_time
 
 
 class HeavyBall:

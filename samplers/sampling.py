@@ -30,7 +30,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from samplers.dualfast import DualFast
+from samplers.langevin import LMLCorrector
 from samplers.model import ModelFn
+from samplers.momentum import HeavyBall
 from samplers.schedules import get_times
 from samplers.usf import StepPlan, Strategy, integrate, plan
 
@@ -92,12 +95,8 @@ def _build_hooks(hooks: Sequence, lml, momentum) -> list:
     # momentum first: HeavyBall reads the solver's own update back from (x_prev, x_next), which a
     # Langevin corrector applied before it would contaminate with its noise.
     if momentum is not None:
-        from samplers.momentum import HeavyBall
-
         hooks.append(HeavyBall(momentum))
     if lml is not None:
-        from samplers.langevin import LMLCorrector  # written by the guidance helper; optional
-
         hooks.append(LMLCorrector(**(lml if isinstance(lml, dict) else {})))
     for h in hooks:
         h.reset()
@@ -107,8 +106,6 @@ def _build_hooks(hooks: Sequence, lml, momentum) -> list:
 def _build_dualfast(dualfast, num_steps: int, process):
     if dualfast is None or dualfast is False:
         return None
-    from samplers.dualfast import DualFast
-
     if dualfast is True:
         df = DualFast()
     elif isinstance(dualfast, dict):

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from difftools.process import NoiseProcess
+from samplers.process import NoiseProcess
 
 LAMBDA_MIN = -7.0
 

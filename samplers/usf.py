@@ -59,9 +59,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from difftools.process import Denoised, NoiseProcess, scalar_at
+from samplers.process import Denoised, NoiseProcess, scalar_at
 
-PREDICTIONS = ("data", "noise")
+#: the prediction a solver step integrates: ``data`` (x0, the data form) or ``noise`` (eps, the noise
+#: form); not the network's output type (``samplers.process.PREDICTIONS``: eps / x0 / v / flow).
+SOLVER_PREDICTIONS = ("data", "noise")
 COEFS = ("taylor", "bh1", "bh2", "dpm")
 CORRECTORS = (None, "pseudo", "implicit")
 
@@ -115,8 +117,8 @@ class Strategy:
     singlestep: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.prediction not in SOLVER_PREDICTIONS:
+            raise ValueError(f"prediction must be one of {SOLVER_PREDICTIONS}, got {self.prediction!r}")
         if not 1 <= int(self.order) <= 4:
             raise ValueError(f"order must be in 1..4, got {self.order}")
         if self.coef not in COEFS:

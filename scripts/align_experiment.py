@@ -46,8 +46,8 @@ from difftools.data import build_dataset  # noqa: E402
 from difftools.data.latents import AutoencoderMismatchError, LatentDataset, cache_latents  # noqa: E402
 from difftools.losses import build_loss  # noqa: E402
 from difftools.losses.alignment import AlignedLoss, alignment_flops_overhead  # noqa: E402
+from difftools.models.autoencoders import build_autoencoder  # noqa: E402
 from difftools.models.dit import DiT  # noqa: E402
-from difftools.models.vae import build_autoencoder  # noqa: E402
 from difftools.process import make_process  # noqa: E402
 from difftools.training.ema import EMA  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftools.data import build_dataset  # noqa: E402
 from difftools.data.latents import cache_latents  # noqa: E402
-from difftools.models.vae import build_autoencoder  # noqa: E402
+from difftools.models.autoencoders import build_autoencoder  # noqa: E402
 
 
 def parse_args(argv=None):

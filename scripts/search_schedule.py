@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difftools.metrics.generate import image_noise  # noqa: E402
 from samplers import ModelFn, sample  # noqa: E402
+from samplers.atomic import write_text_atomic  # noqa: E402
 from samplers.search import (  # noqa: E402
     BASELINES,
     ReferenceScore,
@@ -48,13 +47,6 @@ from samplers.search import (  # noqa: E402
     reference_score,
     search,
 )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class Setup:
@@ -214,7 +206,7 @@ def mixture_table(args) -> None:
                 print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join(sys.argv)
-    write_atomic(args.out / "mixture.json", json.dumps(dict(command=cmd, rows=rows), indent=1))
+    write_text_atomic(args.out / "mixture.json", json.dumps(dict(command=cmd, rows=rows), indent=1))
     md = [
         f"Command: `{cmd}` ({time.time() - t0:.0f} s). RMSE of x(t_end) to the exact ODE solution on "
         f"n = {args.n_heldout} held-out noises; search: budget {args.budget}, n_calib = {args.n_calib}, "
@@ -227,7 +219,7 @@ def mixture_table(args) -> None:
         best = min(r[b] for b in BASELINES)
         cells = [r["process"], r["model"], str(r["nfe"])] + [f"{r[b]:.4f}" for b in (*BASELINES, "searched")]
         md.append("| " + " | ".join(cells) + f" | {r['searched'] / best:.2f} |")
-    write_atomic(args.out / "mixture.md", "\n".join(md) + "\n")
+    write_text_atomic(args.out / "mixture.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -393,8 +385,8 @@ def main():
         fd_reference="the reference solver's samples (smoke)" if args.smoke else "the training set",
     )
     record = dict(protocol=protocol, rows=rows, history=res.history, schedule=best.to_dict())
-    write_atomic(args.out / "results.json", json.dumps(record, indent=1, default=str))
-    write_atomic(args.out / "results.md", to_markdown(protocol, rows, best, has_metric))
+    write_text_atomic(args.out / "results.json", json.dumps(record, indent=1, default=str))
+    write_text_atomic(args.out / "results.md", to_markdown(protocol, rows, best, has_metric))
     print(to_markdown(protocol, rows, best, has_metric))
 
 

@@ -251,6 +251,7 @@ def test_model_class_payload_runs_no_code(tmp_path, monkeypatch):
 
 def test_precond_net_class_payload_runs_no_code(tmp_path, monkeypatch):
     from difftools.models.precond import EDMPrecond
+    from difftools.models.registry import UnregisteredClassError
 
     ckpt = _save_tiny(tmp_path / "step_1")
     _edit_node(ckpt, model_class="difftools.models.precond:EDMPrecond",
@@ -260,7 +261,7 @@ def test_precond_net_class_payload_runs_no_code(tmp_path, monkeypatch):
     refused = r"refusing net_class 'difftools\.checkpoint:os\.system'"
     with pytest.raises(CheckpointError, match=rf"config\.yaml: {refused}"):
         difftools.load(ckpt)
-    with pytest.raises(CheckpointError, match=refused):
+    with pytest.raises(UnregisteredClassError, match=refused):  # built directly: no file to name
         EDMPrecond({"command": "touch pwned.marker"}, {"kind": "Flow"},
                    net_class="difftools.checkpoint:os.system")
     assert not (tmp_path / "pwned.marker").exists()
@@ -313,7 +314,9 @@ class _Rebuildable(torch.nn.Module):
 
 
 def test_a_registered_class_of_ones_own_round_trips(tmp_path, monkeypatch):
-    monkeypatch.setitem(ckpt_io._REBUILDABLE, ckpt_io.class_path(_Rebuildable), _Rebuildable)
+    from difftools.models import registry
+
+    monkeypatch.setitem(registry._REBUILDABLE, registry.class_path(_Rebuildable), _Rebuildable)
     model = _Rebuildable(5)
     ckpt_io.save_checkpoint(tmp_path / "c", model, kind="classifier", update_latest=False)
     loaded = difftools.load(tmp_path / "c")

@@ -22,7 +22,8 @@ from difftools.metrics.classifier import (
     preset,
     save_classifier,
 )
-from difftools.models.classifier import Classifier, load_classifier
+from difftools.metrics.features import load_classifier
+from difftools.models.classifier import Classifier
 from difftools.process import Flow
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Identities of the noise processes in difftools/process.py (all in float64)."""
+"""Identities of the noise processes in samplers/process.py (= difftools.process), all in float64."""
 
 from __future__ import annotations
 

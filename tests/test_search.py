@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from difftools.process import VP, Flow, as_time
 from samplers import ModelFn, sample
+from samplers.atomic import atomic_file, write_text_atomic
 from samplers.search import (
     BASELINES,
     SearchConfig,
@@ -243,6 +244,38 @@ def test_corrupt_or_missing_file(tmp_path):
         SolverSchedule.load(path)
     with pytest.raises(FileNotFoundError, match="search_schedule.py"):
         SolverSchedule.load(tmp_path / "missing.json")
+
+
+def test_failed_save_keeps_the_previous_schedule_file(tmp_path):
+    """A schedule whose info cannot be written as JSON: the error names the bad value, the file from the
+    previous save is untouched and no temporary file is left beside it."""
+    path = tmp_path / "schedule.json"
+    good = baseline_schedule(VP(), "ddim", 4)
+    good.save(path)
+    before = path.read_text()
+    bad = baseline_schedule(VP(), "dpmpp_2m", 4)
+    bad.info = {"score": object()}
+    with pytest.raises(TypeError, match="object is not JSON serializable"):
+        bad.save(path)
+    assert path.read_text() == before and SolverSchedule.load(path).name == "ddim"
+    assert [p.name for p in tmp_path.iterdir()] == ["schedule.json"]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    """samplers.atomic.atomic_file: a crash while writing leaves the old content and no temporary file;
+    a finished write replaces the file; a missing parent folder is created."""
+    path = tmp_path / "deep" / "out.txt"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_file(path) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old\n" and [p.name for p in path.parent.iterdir()] == ["out.txt"]
+    with atomic_file(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".out.txt.")
+        assert tmp.name.endswith(".partial")
+        tmp.write_text("new\n")
+    assert path.read_text() == "new\n" and [p.name for p in path.parent.iterdir()] == ["out.txt"]
 
 
 def test_process_mismatch_and_reference_score():

@@ -33,8 +33,8 @@ def instantiate(node, **kw):
 def build_run(cfg: DictConfig):
     """Dataset, autoencoder, model, process and loss from the config (no training yet)."""
     from difftools.losses import build_loss
+    from difftools.models.autoencoders import build_autoencoder
     from difftools.models.precond import apply_precond
-    from difftools.models.vae import build_autoencoder
 
     dataset = instantiate(cfg.data)
     info = dataset.info

@@ -32,7 +32,7 @@ from difftools.device import default_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difftools.models.vae import psnr  # noqa: E402
+from difftools.models.autoencoders import psnr  # noqa: E402
 
 log = logging.getLogger("train.vae")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from difftools.data import build_dataset
 from difftools.data.base import ArrayDataset, DatasetInfo
 
 ATTRIBUTES = {"thickness": ("thin", "thick")}
@@ -79,8 +80,6 @@ def attribute_dataset(name: str = "digits", root=None, split: str = "train", ima
 
     ``info.name`` becomes ``<name>_<attribute>``, ``info.class_names`` the attribute's value names.
     """
-    from difftools.data import build_dataset
-
     if attribute not in ATTRIBUTES:
         raise ValueError(f"unknown derived attribute {attribute!r}; choose one of {sorted(ATTRIBUTES)}")
     train = build_dataset(name, root=root, split="train", image_size=image_size, **kw)

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from difftools.checkpoint import atomic_file
 from samplers.guidance import CFG
 from samplers.model import ModelFn
 
@@ -202,8 +203,6 @@ def save_embeddings(path: str | os.PathLike, embeddings: SemanticEmbeddings,
     """Write the table as safetensors (tensor ``embeddings`` [K, D]) with JSON metadata, atomically
     (:func:`difftools.checkpoint.atomic_file`)."""
     from safetensors.torch import save_file
-
-    from difftools.checkpoint import atomic_file
 
     path = Path(path)
     info = {"format": EMBEDDINGS_FORMAT, "names": embeddings.names, "targets": embeddings.targets,

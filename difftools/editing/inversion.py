@@ -33,8 +33,8 @@ import math
 
 import torch
 
-from difftools.process import scalar_at
 from samplers.model import ModelFn
+from samplers.process import scalar_at
 from samplers.sampling import sample, solver_strategies
 from samplers.schedules import get_times
 from samplers.usf import StepPlan, Update, integrate, plan

@@ -7,18 +7,19 @@ from pathlib import Path
 import torch.nn as nn
 
 from difftools.checkpoint import CheckpointError
+from difftools.checkpoint import load as load_checkpoint
+from difftools.metrics.classifier import default_classifier
+from difftools.metrics.features import load_classifier
 
 __all__ = ["load_attribute_classifier", "load_base", "resolve_targets"]
 
 
 def load_base(path, use_ema: bool = True, device="cpu"):
     """``difftools.load`` of a class-conditional DiT run / checkpoint; says how to make one if missing."""
-    import difftools
-
     if path is None or not Path(str(path)).exists():
         raise CheckpointError(f"base DiT checkpoint not found: {path} (train one with `python train/dit.py`, "
                               "about 3.5 min on CPU for the digits default, and pass its run directory)")
-    loaded = difftools.load(path, use_ema=use_ema, device=device)
+    loaded = load_checkpoint(path, use_ema=use_ema, device=device)
     if getattr(loaded.model, "y_embedder", None) is None:
         raise ValueError(f"{loaded.path} is not a class-conditional DiT: CASO learns embeddings in the "
                          "label-embedding space, which an unconditional model does not have")
@@ -33,11 +34,7 @@ def load_attribute_classifier(path, dataset_info: dict, device="cpu") -> tuple[n
 
     Returns (classifier in eval mode, meta with ``name``, ``path``, ``class_names``, ``test_accuracy``).
     """
-    from difftools.models.classifier import load_classifier
-
     if path is None:
-        from difftools.metrics.classifier import default_classifier
-
         feats = default_classifier(dataset_info["name"], int(dataset_info["image_size"]), device=device)
         path = feats.path
     if not Path(str(path)).exists():

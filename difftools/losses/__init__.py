@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import torch.nn as nn
 
+from difftools.losses.alignment import AlignedLoss
 from difftools.losses.denoising import DenoisingLoss, DenoisingTerms
 
 __all__ = ["DenoisingLoss", "DenoisingTerms", "build_loss"]
@@ -34,8 +35,6 @@ def build_loss(cfg_loss: Mapping, model: nn.Module, process, vae=None) -> nn.Mod
     align = {k: align[k] for k in align} if align is not None else {}
     if float(align.get("weight", 0.0) or 0.0) <= 0.0:
         return loss
-    from difftools.losses.alignment import AlignedLoss
-
     features = align.get("features", "latent")
     if features == "encoder":
         target_channels = vae.feature_channels("encoder")

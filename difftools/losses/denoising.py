@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from difftools.process import PREDICTIONS, NoiseProcess
+from samplers.process import PREDICTIONS, NoiseProcess
 
 WEIGHTINGS = ("none", "min_snr", "edm")
 T_DISTRIBUTIONS = ("uniform", "logit_normal", "edm_lognormal")

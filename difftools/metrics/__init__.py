@@ -5,6 +5,7 @@ Nothing is called FID unless it was computed with Inception FID weights; every o
 distance is named ``fd_<feature space>``, and every number carries n and its protocol.
 """
 
+from difftools.metrics.evaluate import evaluate_run
 from difftools.metrics.features import (
     ClassifierFeatures,
     FeatureExtractor,
@@ -26,12 +27,3 @@ __all__ = [
     "kid",
     "reference_stats",
 ]
-
-
-def __getattr__(name):
-    # evaluate_run pulls in samplers and the checkpoint loader; import it only when asked for
-    if name == "evaluate_run":
-        from difftools.metrics.evaluate import evaluate_run
-
-        return evaluate_run
-    raise AttributeError(name)

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from difftools.metrics.features import ClassifierFeatures, cache_dir, default_device
+from difftools.checkpoint import save_checkpoint
+from difftools.data import build_dataset
+from difftools.metrics.features import ClassifierFeatures, cache_dir, default_device, load_classifier
 from difftools.metrics.fid import float_to_uint8
-from difftools.models.classifier import Classifier, load_classifier
+from difftools.models.classifier import Classifier
 
 # Presets by dataset: small enough to train on the CPU for the embedded default, and ~1 minute on
 # a GPU for CIFAR-10. flip: horizontal flips are label-preserving for natural images, not digits.
@@ -198,8 +200,6 @@ def save_classifier(
     process=None,
 ) -> Path:
     """Write the classifier in the project's checkpoint format (``kind: classifier``)."""
-    from difftools.checkpoint import save_checkpoint
-
     full = dict(config or {})
     full["result"] = {
         "test_accuracy": result.test_accuracy,
@@ -233,8 +233,6 @@ def default_classifier(
 ) -> ClassifierFeatures:
     """The cached metric classifier of ``dataset`` at ``image_size``; trained (preset settings,
     seed 0) and saved there first if it does not exist yet."""
-    from difftools.data import build_dataset
-
     train = build_dataset(dataset, root=root, split="train", image_size=image_size)
     size = train.info.image_size
     path = default_classifier_path(dataset, size, cache)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from difftools.checkpoint import load
+from difftools.metrics.classifier import class_accuracy, default_classifier
 from difftools.metrics.features import ClassifierFeatures, FeatureExtractor, build_extractor, default_device
 from difftools.metrics.fid import Stats, compute_stats, reference_stats, result
 from difftools.metrics.generate import SampleSpec, generate_uint8
@@ -42,8 +44,6 @@ def build_features(
     if isinstance(features, FeatureExtractor):
         return features
     if features in (None, "classifier"):
-        from difftools.metrics.classifier import default_classifier
-
         return default_classifier(
             dataset,
             image_size,
@@ -74,8 +74,6 @@ def score(
     rec = result(extractor, stats, reference, with_kid, name, reference.source)
     acc = None
     if labels is not None and isinstance(extractor, ClassifierFeatures):
-        from difftools.metrics.classifier import class_accuracy
-
         acc = class_accuracy(extractor, images, labels)
     return {
         "metric": rec["metric"],
@@ -115,8 +113,6 @@ def evaluate_checkpoint(
 
     Returns the :func:`score` dict plus ``nfe``, ``sampling`` (the :class:`SampleSpec`),
     ``sampling_seconds``, ``images_per_second``, ``reference`` and ``checkpoint``."""
-    from difftools.checkpoint import load
-
     device = default_device(device)
     spec = SampleSpec(
         sampler=sampler,

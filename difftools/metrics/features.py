@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difftools.checkpoint import file_sha256  # noqa: F401 (re-exported: one hashing helper for all files)
+from difftools.checkpoint import EMA_FILE, CheckpointError, file_sha256, resolve_checkpoint
+from difftools.checkpoint import load as load_checkpoint
 from difftools.device import default_device  # noqa: F401 (re-exported: metrics callers use it)
+from difftools.models.classifier import Classifier
 
 # pytorch-fid names its file with the first 8 hex digits of the file's sha256.
 PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -260,6 +262,31 @@ class InceptionFeatures(FeatureExtractor):
 
 
 # ----------------------------------------------------------------------------------- classifier
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Load a classifier checkpoint (written by ``train/classifier.py`` through
+    :func:`difftools.checkpoint.save_checkpoint` with ``kind: classifier``).
+
+    Returns the model (eval mode) and a dict with ``name``, ``weights_sha256``, ``dataset_info``,
+    ``process`` (noise-conditional only), ``test_accuracy`` and ``path``."""
+    ckpt = resolve_checkpoint(path)
+    loaded = load_checkpoint(ckpt, use_ema=True, device=device)
+    kind = loaded.config.get("checkpoint", {}).get("kind")
+    if kind != "classifier" or not isinstance(loaded.model, Classifier):
+        raise CheckpointError(
+            f"{ckpt} is a {kind!r} checkpoint, not a classifier (train one with "
+            "`python train/classifier.py data=<name>`)"
+        )
+    meta = {
+        "name": loaded.model.name,
+        "weights_sha256": file_sha256(ckpt / EMA_FILE),
+        "dataset_info": loaded.dataset_info,
+        "process": loaded.process,
+        "test_accuracy": loaded.config.get("result", {}).get("test_accuracy"),
+        "path": str(ckpt),
+    }
+    return loaded.model, meta
+
+
 class ClassifierFeatures(FeatureExtractor):
     """Penultimate features of a :class:`difftools.models.classifier.Classifier` (at t = 0).
 
@@ -278,8 +305,6 @@ class ClassifierFeatures(FeatureExtractor):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None) -> ClassifierFeatures:
-        from difftools.models.classifier import load_classifier
-
         clf, meta = load_classifier(path)
         return cls(clf, name=meta["name"], device=device, sha256=meta["weights_sha256"], path=str(path))
 

@@ -23,6 +23,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from difftools.metrics.fid import float_to_uint8
+from samplers import ModelFn, sample
+from samplers.guidance import guided
+from samplers.sampling import SOLVERS
+
 
 def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """Standard normal noise [len(indices), *shape] (CPU, float32), one generator per image,
@@ -56,8 +61,6 @@ def image_labels(
 
 
 def known_solvers() -> list[str]:
-    from samplers.sampling import SOLVERS
-
     return sorted(SOLVERS) + ["usf"]
 
 
@@ -105,8 +108,6 @@ def generate(
     """Images for ``indices``: (float images [B, C, H, W] in [-1, 1] on the CPU, labels or None, NFE).
 
     ``loaded`` is :class:`difftools.checkpoint.Loaded` (model, process, prediction, autoencoder)."""
-    from samplers import ModelFn, sample
-
     model, process = loaded.model, loaded.process
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -116,8 +117,6 @@ def generate(
     cond = {} if labels is None else {"y": labels.to(device)}
     mf = ModelFn(lambda x, t, **c: model(x, t, **c), process, loaded.prediction)
     if spec.guidance_scale != 1.0 and labels is not None:
-        from samplers.guidance import guided
-
         mf = guided(
             mf,
             spec.guidance,
@@ -162,8 +161,6 @@ def generate_uint8(
     """:func:`generate` over ``indices`` in batches of ``batch_size``: (uint8 images [n, C, H, W] as an
     image writer stores them, labels or None, NFE per image)."""
     from tqdm.auto import tqdm
-
-    from difftools.metrics.fid import float_to_uint8
 
     images, labels, nfe = [], [], 0
     for idx in tqdm(list(batches(indices, batch_size)), desc="sampling", unit="batch", disable=not progress):

@@ -1,1 +1,2 @@
-"""Networks: DiT (dit.py), autoencoders (vae.py), classifiers."""
+"""Networks: DiT (dit.py), EDM preconditioning (precond.py), frozen autoencoders (autoencoders/,
+re-exported by vae.py) and the metric / guidance classifier (classifier.py)."""

@@ -9,6 +9,9 @@ Three uses in difftools:
   grad_x log p(y | x_t, t) is classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233), and
   a reward / attribute model.
 
+Reading a trained classifier from its checkpoint is :func:`difftools.metrics.features.load_classifier`
+(checkpoints are a layer above the networks).
+
 Architecture: a VGG-like stack (Simonyan & Zisserman 2014, arXiv 1409.1556) with BatchNorm: a stem
 convolution, then per stage ``conv -> maxpool 2 -> BN -> GELU`` followed by ``depth - 1`` further
 ``conv -> BN -> GELU`` layers, global average pooling and a linear head. Noise conditioning is
@@ -21,13 +24,12 @@ layers start at zero so a fresh conditional classifier equals the unconditional 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difftools.checkpoint import register_rebuildable
+from difftools.models.registry import register_rebuildable
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -150,30 +152,3 @@ class Classifier(nn.Module):
             x = x.detach().requires_grad_(True)
             logp = F.log_softmax(self(x, t).float(), dim=-1).gather(1, y[:, None]).sum()
             return torch.autograd.grad(logp, x)[0]
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """Load a classifier checkpoint (written by ``train/classifier.py`` through
-    :func:`difftools.checkpoint.save_checkpoint` with ``kind: classifier``).
-
-    Returns the model (eval mode) and a dict with ``name``, ``weights_sha256``, ``dataset_info``,
-    ``process`` (noise-conditional only), ``test_accuracy`` and ``path``."""
-    from difftools.checkpoint import EMA_FILE, CheckpointError, file_sha256, load, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    loaded = load(ckpt, use_ema=True, device=device)
-    kind = loaded.config.get("checkpoint", {}).get("kind")
-    if kind != "classifier" or not isinstance(loaded.model, Classifier):
-        raise CheckpointError(
-            f"{ckpt} is a {kind!r} checkpoint, not a classifier (train one with "
-            "`python train/classifier.py data=<name>`)"
-        )
-    meta = {
-        "name": loaded.model.name,
-        "weights_sha256": file_sha256(ckpt / EMA_FILE),
-        "dataset_info": loaded.dataset_info,
-        "process": loaded.process,
-        "test_accuracy": loaded.config.get("result", {}).get("test_accuracy"),
-        "path": str(ckpt),
-    }
-    return loaded.model, meta

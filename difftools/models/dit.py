@@ -42,7 +42,7 @@ import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Mlp
 
-from difftools.checkpoint import register_rebuildable
+from difftools.models.registry import register_rebuildable
 from difftools.nn.attention import BACKENDS, attention
 
 #: name -> (hidden_size, depth, num_heads); combine with a patch size: "DiT-S/2", "DiT-B/4", ...

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from difftools.checkpoint import rebuildable_class, rebuildable_name, register_rebuildable
+from difftools.models.registry import rebuildable_class, rebuildable_name, register_rebuildable
 
 #: inner-net attributes that the trainer, sample grids, losses and metric scripts read
 _PASSTHROUGH = ("input_size", "in_channels", "out_channels", "num_classes", "null_class", "hidden_size",
@@ -66,7 +66,7 @@ class EDMPrecond(nn.Module):
         sigma_data: data standard deviation (0.5 in EDM for images in [-1, 1]).
         sigma_min, sigma_max: noise levels mapped to t_in = 0 and 1 (EDM's sampling range).
         net_class: ``"module:Class"`` of ``net`` when ``net`` is a mapping; only classes registered
-            with :func:`difftools.checkpoint.register_rebuildable` are accepted.
+            with :func:`difftools.models.registry.register_rebuildable` are accepted.
 
     ``return_hidden`` and any other argument go to the inner net; a ``(pred, hidden)`` result comes
     back as ``(D, hidden)``.

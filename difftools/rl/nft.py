@@ -1,6 +1,6 @@
 """DiffusionNFT: online reinforcement learning on the forward process (Zheng et al. 2025, arXiv 2509.16117).
 
-A rectified-flow model (x_t = (1 - t) x0 + t eps, velocity v = eps - x0, :class:`difftools.process.Flow`)
+A rectified-flow model (x_t = (1 - t) x0 + t eps, velocity v = eps - x0, :class:`samplers.process.Flow`)
 is fine-tuned from its own samples and a scalar reward, without likelihoods, without the reverse
 (sampling) process in the loss and without classifier-free guidance:
 
@@ -49,7 +49,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from difftools.process import Flow, NoiseProcess
+from samplers.process import Flow, NoiseProcess
 
 FORMS = ("velocity", "x0_adaptive")
 T_SOURCES = ("sampler", "uniform")
@@ -144,7 +144,7 @@ class NFTObjective:
     with ``ref_weight > 0``, the frozen reference) are evaluated without gradient at the same (x_t, t).
 
     Args:
-        process: must be :class:`~difftools.process.Flow` (the velocity eps - x0 is the target).
+        process: must be :class:`~samplers.process.Flow` (the velocity eps - x0 is the target).
         beta: implicit-policy step.
         form: ``velocity`` | ``x0_adaptive`` (see :func:`nft_loss`).
         ref_weight: weight of mean ||v_theta - v_ref||^2 toward the frozen base (0 = off; the

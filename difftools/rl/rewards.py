@@ -24,6 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from difftools.metrics.classifier import default_classifier
+from difftools.metrics.features import load_classifier
+
 REWARDS = ("classifier", "brightness")
 
 
@@ -77,8 +80,6 @@ class ClassifierReward(Reward):
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kw) -> ClassifierReward:
         """A classifier checkpoint written by ``python train/classifier.py`` (``kind: classifier``)."""
-        from difftools.models.classifier import load_classifier
-
         net, _ = load_classifier(path)
         return cls(net, **kw)
 
@@ -89,8 +90,6 @@ class ClassifierReward(Reward):
         trained from the local dataset and cached if missing). NB: scoring the fine-tuned model's class
         accuracy with this same classifier then measures the reward itself, not an independent
         accuracy; pass a separately trained classifier to ``from_checkpoint`` for that."""
-        from difftools.metrics.classifier import default_classifier
-
         features = default_classifier(dataset, image_size, root=root,
                                       cache=None if cache is None else Path(cache) / "classifiers")
         return cls(features.net, **kw)

@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from samplers import ModelFn, sample
+from samplers.guidance import guided
+
 
 @torch.no_grad()
 def sample_images(model: nn.Module, process, prediction: str, autoencoder=None, *, num_samples: int = 100,
@@ -20,8 +23,6 @@ def sample_images(model: nn.Module, process, prediction: str, autoencoder=None, 
     ``cfg_scale`` != 1 applies classifier-free guidance (Ho & Salimans, arXiv 2207.12598) against
     the model's null class.
     """
-    from samplers import ModelFn, sample
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -37,8 +38,6 @@ def sample_images(model: nn.Module, process, prediction: str, autoencoder=None, 
         t_end = float(getattr(process, "t_min", 1e-3))
         mf = ModelFn(lambda x, t, **c: model(x, t, **c), process, prediction)
         if cfg_scale != 1.0 and num_classes:
-            from samplers.guidance import guided
-
             mf = guided(mf, "cfg", cfg_scale, uncond={"y": torch.full_like(cond["y"], model.null_class)})
         x0 = sample(mf, x_T, solver=solver, steps=steps, t_end=t_end, denoise_final=True, **cond)
         if autoencoder is not None:
