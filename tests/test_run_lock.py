@@ -110,3 +110,17 @@ def test_cli_refuses_a_locked_run_dir_before_hydra_writes_into_it(tmp_path):
     expected = f"error: run directory {tmp_path} is in use by another training run: pid {os.getpid()}"
     assert expected in proc.stderr
     assert not (tmp_path / ".hydra").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_lock_without_hard_links_still_excludes(tmp_path, monkeypatch):
+    from difftools.training import lock as lock_mod
+
+    def no_links(src, dst):
+        raise PermissionError("EPERM: this file system has no hard links")
+
+    monkeypatch.setattr(lock_mod.os, "link", no_links)
+    with RunDirLock(tmp_path) as held:
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == held.token
+        with pytest.raises(RunDirLockedError, match=f"pid {os.getpid()}"):
+            RunDirLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -44,6 +44,22 @@ class RunDirLockedError(RuntimeError):
     """Another training run holds this run directory."""
 
 
+def _create_exclusive(tmp: Path, path: Path, content: str) -> None:
+    """Create ``path`` with ``content``; FileExistsError when it exists. A hard link of the finished
+    ``tmp`` makes the file appear complete; where the file system has no hard links, an exclusive
+    create followed by the write (a reader may then briefly see it empty)."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # e.g. EPERM / ENOTSUP: no hard links here
+        pass
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -96,12 +112,13 @@ class RunDirLock:
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?",
                 "token": token}
+        content = json.dumps(info) + "\n"
         tmp = self.run_dir / f".{LOCK_FILE}.{token}"
-        tmp.write_text(json.dumps(info) + "\n")
+        tmp.write_text(content)
         try:
             for _ in range(3):  # a stale lock can be taken over; a second try sees the new state
                 try:
-                    os.link(tmp, self.path)  # atomic, fails when the lock exists
+                    _create_exclusive(tmp, self.path, content)
                 except FileExistsError:
                     held = self.holder()
                     if held is None:  # released between our link and our read
