@@ -111,9 +111,9 @@ class HealthMonitor:
                 if self.nonfinite_run > self.patience:
                     return self._stop(
                         verdict, "nonfinite_grad_norm", step,
-                        f"gradient norm is {norm} at step {step}, the {self.nonfinite_run}th step in a "
-                        f"row (trainer.nonfinite_patience={self.patience} are tolerated and skipped; loss "
-                        f"{loss:.4g})")
+                        f"gradient norm is {norm} at step {step}: {self.nonfinite_run} steps in a row with "
+                        f"a NaN/inf gradient norm (trainer.nonfinite_patience={self.patience} are tolerated "
+                        f"and skipped; loss {loss:.4g})")
                 verdict.skipped.append(step)
                 continue
             self.nonfinite_run = 0
