@@ -48,7 +48,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,16 +342,19 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: 
     return path
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_last: int, prefix: str = "step_") -> list[Path]:
-    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints (never the one ``latest`` names)."""
+def prune_checkpoints(root: str | os.PathLike, keep_last: int, prefix: str = "step_",
+                      keep: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``step_*`` checkpoints (never the one ``latest`` names,
+    nor those in ``keep``, e.g. the newest vetted one)."""
     root = Path(root)
     if keep_last <= 0:
         return []
     ckpts = sorted((p for p in root.glob(f"{prefix}*") if p.is_dir()), key=lambda p: p.name)
     latest = read_latest(root)
+    protected = {Path(p).resolve() for p in keep} | ({latest.resolve()} if latest is not None else set())
     removed = []
     for p in ckpts[:-keep_last]:
-        if latest is not None and p.resolve() == latest.resolve():
+        if p.resolve() in protected:
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)

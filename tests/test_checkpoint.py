@@ -136,7 +136,8 @@ def test_failed_rename_keeps_latest_on_previous(tmp_path, monkeypatch):
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     make_trainer(tmp_path, max_steps=8, ckpt_every=2, keep_last=2).train()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["latest", "step_0000006", "step_0000008"]
+    assert names == ["latest", "step_0000006", "step_0000008", "vetted"]
+    assert (tmp_path / "checkpoints" / "vetted").read_text() == "step_0000006\n"  # step 8 has no step 9
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,42 @@ def test_loss_weightings():
         build_loss({"prediction": "flow", "bogus": 1}, tiny_dit(), Flow())
 
 
+def test_flow_prediction_weighting_uses_the_velocity_to_x0_scale():
+    """For Flow (alpha = 1 - t, sigma = t), x0 = x_t - t v, so the velocity error is the x0 error over
+    t: c_flow^2 = 1 / t^2, and min_snr (W = min(SNR, 5), SNR = ((1 - t) / t)^2) weights the velocity
+    MSE by min(SNR, 5) t^2."""
+    t = torch.tensor([0.1, 0.5, 0.9])
+    expected = torch.tensor([5.0 * 0.1**2, 1.0 * 0.5**2, (1 / 81) * 0.9**2])  # SNR = 81, 1, 1/81
+    torch.testing.assert_close(DenoisingLoss(Flow(), "flow", weighting="min_snr").weight(t), expected)
+    # VP with a flow (dx_t/dt) prediction: c_flow = (alpha sigma' - sigma alpha') / sigma, with the
+    # derivatives taken here by central differences of alpha and sigma
+    h = 1e-6
+    t64 = t.double()
+    for process in (VP(), VP("cosine")):
+        a, s = process.alpha(t64), process.sigma(t64)
+        da = (process.alpha(t64 + h) - process.alpha(t64 - h)) / (2 * h)
+        ds = (process.sigma(t64 + h) - process.sigma(t64 - h)) / (2 * h)
+        c_sq = ((a * ds - s * da) / s) ** 2
+        w = DenoisingLoss(process, "flow", weighting="min_snr").weight(t)
+        torch.testing.assert_close(w.double(), ((a / s) ** 2).clamp(max=5.0) / c_sq, rtol=1e-5, atol=0)
+
+
+def test_weighted_loss_is_the_mean_of_w_t_times_the_per_sample_mse():
+    process, x0 = VP(), torch.randn(8, 1, 4, 4)
+    loss_fn = DenoisingLoss(process, "eps", "uniform", weighting="min_snr", min_snr_gamma=5.0)
+    loss, logs = loss_fn(lambda x_t, t, y: 0.5 * x_t, x0, None, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws, by hand
+    t = 1e-5 + (1.0 - 1e-5) * torch.rand(8, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a, s = process.alpha(t).view(-1, 1, 1, 1), process.sigma(t).view(-1, 1, 1, 1)
+    mse = (0.5 * (a * x0 + s * eps) - eps).pow(2).flatten(1).mean(1)
+    snr = (process.alpha(t.double()) / process.sigma(t.double())) ** 2
+    w = snr.clamp(max=5.0) / snr  # min_snr for eps: min(SNR, 5) / SNR
+    assert loss.item() == pytest.approx((w * mse.double()).mean().item(), rel=1e-5)
+    assert abs(loss.item() - mse.mean().item()) > 0.05 * mse.mean().item()  # the weights matter here
+    assert logs["loss_mse"].item() == pytest.approx(mse.mean().item(), rel=1e-6)  # logged unweighted
+
+
 # ---------------------------------------------------------------------------------- pieces
 def test_ema_decay_schedule_and_update():
     model = nn.Linear(2, 1, bias=False)
@@ -131,6 +167,19 @@ def test_ema_decay_schedule_and_update():
     ema.update(model)  # d_1 = 2/11
     torch.testing.assert_close(ema.shadow["weight"], torch.full((1, 2), 2 / 11 * 2.8 + 9 / 11 * 3.0))
     assert EMA(model, 0.5, warmup=False).decay_at(0) == 0.5
+
+
+def test_ema_copies_integer_buffers_and_averages_float_buffers():
+    """BatchNorm's num_batches_tracked (int64) is copied from the model; running_mean is averaged."""
+    bn = nn.BatchNorm1d(2, momentum=1.0)  # momentum 1: running_mean = the last batch's mean
+    ema = EMA(bn, decay=0.5, warmup=False)
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    for _ in range(3):
+        bn(x)
+    ema.update(bn)
+    count = ema.shadow["num_batches_tracked"]
+    assert count.dtype == torch.int64 and count.item() == 3
+    torch.testing.assert_close(ema.shadow["running_mean"], torch.tensor([1.0, 2.0]))  # 0.5 * 0 + 0.5 * [2, 4]
 
 
 def test_lr_warmup_and_cosine():

@@ -2,9 +2,14 @@
 
 Per step: x (pixels or cached latents) -> frozen autoencoder encode -> ``loss_fn(model, x0, y,
 generator)`` under bf16 autocast on CUDA (fp32 on CPU) -> backward -> grad-norm clip -> AdamW with
-linear warmup -> EMA update. Every ``log_every`` steps the per-step losses are checked for NaN/inf
-(before any checkpoint or sample is written, so a bad step never reaches disk) and logged to tqdm,
-``metrics.jsonl`` and TensorBoard with throughput and MFU.
+linear warmup -> EMA update. A step whose gradient norm is NaN/inf is skipped on the device (fused
+AdamW's ``found_inf``). Every ``log_every`` steps, and before every checkpoint or sample grid, the
+per-step losses, gradient norms and the weights are checked (:mod:`difftools.training.health`; one
+host sync per check, none per step) and logged to tqdm, ``metrics.jsonl`` and TensorBoard with
+throughput and MFU. A run that diverged stops with :class:`DivergedError` and points ``latest`` at
+the newest *vetted* checkpoint (:mod:`difftools.training.vetting`), so a checkpoint with NaN/inf
+weights is never written and ``trainer.resume=auto`` continues from weights that train. One run per
+run directory (:mod:`difftools.training.lock`).
 
 Checkpoints follow :mod:`difftools.checkpoint` plus ``state/`` (optimizer, scheduler, RNG per rank,
 step, data position, EMA count, loss-module parameters). Resuming restores all of it, so on CPU a
@@ -13,6 +18,7 @@ resumed run reproduces the uninterrupted run's losses bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -29,13 +35,19 @@ from torch.utils.data import DataLoader, Dataset
 from difftools import checkpoint as ckpt_io
 from difftools.training.ema import EMA
 from difftools.training.grid import sample_images, save_grid
+from difftools.training.health import (
+    DivergedError,
+    HealthMonitor,
+    NonFiniteLossError,
+    Verdict,
+    all_finite,
+    skip_flag,
+)
+from difftools.training.lock import RunDirLockedError, hold_run_dir
 from difftools.training.state import BatchPlan, ResumableBatchSampler, capture_rng, restore_rng
+from difftools.training.vetting import CheckpointVetting
 
 log = logging.getLogger("difftools.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf; the run stopped without writing anything after it."""
 
 
 @dataclass
@@ -56,7 +68,12 @@ class TrainerConfig:
     mixed_precision: str = "auto"   #: auto (bf16 on CUDA, fp32 on CPU) | bf16 | no
     device: str = "auto"            #: auto (CUDA when present) | cpu
     seed: int = 0
-    log_every: int = 50             #: also the NaN/inf check interval
+    log_every: int = 50             #: also the NaN/inf check interval (and before every checkpoint)
+    nonfinite_patience: int = 3     #: consecutive steps with a NaN/inf grad norm that are skipped and
+    #:                                 tolerated (the loss finite); one more stops the run. 0 = stop at once
+    divergence_factor: float = 0.0  #: stop when a step's loss > factor x median of the last
+    #:                                 divergence_window losses (0 = off; per-step losses vary ~3x with t)
+    divergence_window: int = 200    #: steps in that running median (the check starts once it is full)
     ckpt_every: int = 500           #: 0 = only the final checkpoint
     keep_last: int = 3              #: step checkpoints kept (0 = all)
     sample_every: int = 500         #: sample-grid PNG interval (0 = only at the end)
@@ -200,15 +217,19 @@ class Trainer:
         self.loss_fn.to(self.device)
         module = TrainModule(self.raw_model, self.loss_fn)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        opt = self._make_optimizer()
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
         self.module, self.opt = self.acc.prepare(module, opt)
         self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup)
+        self.health = HealthMonitor(cfg.nonfinite_patience, cfg.divergence_factor, cfg.divergence_window)
+        self.vetting = CheckpointVetting(self.ckpt_root, writer=self.is_main)
         resume = self._resume_path()
         if resume is not None:
             self._load(resume)
+            self._apply_config_hyperparameters(resume)
         elif self.autoencoder is not None and self.encode_inputs and self.autoencoder.scale is None:
             self._fit_autoencoder_scale()
+        self.vetting.start(self.step, resume)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             n_params = sum(p.numel() for p in self.raw_model.parameters())
@@ -216,6 +237,41 @@ class Trainer:
                      "mixed precision %s; device %s", n_params / 1e6,
                      sum(p.numel() for p in self.loss_fn.parameters()), cfg.batch_size,
                      self.acc.num_processes, self.plan.per_device, self.acc.mixed_precision, self.device)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW, fused where torch has a fused kernel for the device: only the fused kernel can skip
+        a step on the device (``found_inf``) without a host sync."""
+        cfg = self.cfg
+        kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self._can_skip = False
+        if self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.params):
+            try:
+                opt = torch.optim.AdamW(self.params, fused=True, **kw)
+                self._can_skip = True
+                return opt
+            except (RuntimeError, ValueError) as err:
+                log.warning("fused AdamW unavailable (%s): steps with a NaN/inf gradient norm are applied, "
+                            "not skipped", err)
+        return torch.optim.AdamW(self.params, **kw)
+
+    def _apply_config_hyperparameters(self, path: Path) -> None:
+        """Use this run's lr, betas and weight decay after a resume (the optimizer and scheduler state
+        carry the old run's), e.g. to continue a diverged run with a lower ``trainer.lr``."""
+        cfg = self.cfg
+        groups = self.opt.param_groups
+        old = (self.sched.base_lrs[0], tuple(groups[0]["betas"]), groups[0]["weight_decay"])
+        new = (cfg.lr, tuple(cfg.betas), cfg.weight_decay)
+        if old == new:
+            return
+        if self.is_main:
+            log.info("resumed from %s with lr %g, betas %s, weight decay %g (checkpoint: %g, %s, %g)",
+                     path, *new, *old)
+        self.sched.base_lrs = [cfg.lr] * len(groups)
+        for group, fn in zip(groups, self.sched.lr_lambdas, strict=True):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * fn(self.sched.last_epoch)  # as LambdaLR computes it
+            group["betas"], group["weight_decay"] = tuple(cfg.betas), cfg.weight_decay
+        self.sched._last_lr = [group["lr"] for group in groups]
 
     def _fit_autoencoder_scale(self) -> None:
         """Latent scale from the same first images on every rank (else ranks would disagree)."""
@@ -257,6 +313,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
+        """Run to ``max_steps`` holding the run directory's lock (refuses a second writer)."""
+        with self._run_dir_lock():
+            return self._train()
+
+    def _run_dir_lock(self):
+        """:func:`hold_run_dir` on the main process; the other ranks learn whether it refused."""
+        stack = contextlib.ExitStack()
+        refusal = None
+        if self.is_main:
+            try:
+                stack.enter_context(hold_run_dir(self.out_dir))
+            except RunDirLockedError as err:
+                refusal = str(err)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            stack.close()
+            raise RunDirLockedError(refusal)
+        return stack
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         t_start = time.perf_counter()
         self._setup()
@@ -271,6 +350,9 @@ class Trainer:
         grad_norms: list[torch.Tensor] = []
         last_loss, grid = float("nan"), None
         timer = [time.perf_counter(), 0]
+        # the grad norm is needed for the NaN/inf check even without clipping (max_norm=inf scales by 1)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        skip_optimizer = self._can_skip and getattr(self.acc, "scaler", None) is None
         while self.step < cfg.max_steps:
             x, y = next(batches)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -280,8 +362,10 @@ class Trainer:
             with self.acc.autocast():
                 loss, logs = self.module(x, y, generator=self.noise_gen)
             self.acc.backward(loss)
-            if cfg.grad_clip > 0:
-                grad_norms.append(self.acc.clip_grad_norm_(self.params, cfg.grad_clip).detach())
+            grad_norm = self.acc.clip_grad_norm_(self.params, max_norm).detach()
+            grad_norms.append(grad_norm)
+            if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
+                self.opt.optimizer.found_inf = skip_flag(grad_norm)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -297,10 +381,11 @@ class Trainer:
             want_ckpt = is_last or (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0)
             want_grid = is_last or (cfg.sample_every > 0 and self.step % cfg.sample_every == 0)
             if want_ckpt or want_grid or self.step % cfg.log_every == 0:
+                # the check before a checkpoint: nothing with NaN/inf weights reaches disk
                 last_loss = self._flush(window, window_logs, grad_norms, timer, pbar)
                 window, window_logs, grad_norms = [], {}, []
             if want_ckpt:
-                self.save()
+                self.vetting.saved(self.step, self.save())
             if want_grid:
                 grid = self.sample_grid()
             if want_ckpt or want_grid:
@@ -313,30 +398,41 @@ class Trainer:
         return TrainResult(step=self.step, final_loss=last_loss, losses=list(self.losses),
                            checkpoint=self.last_checkpoint, grid=grid, seconds=time.perf_counter() - t_start)
 
+    def _weights(self):
+        """Everything a checkpoint stores as weights: model and loss-module state, EMA."""
+        yield from self.raw_model.state_dict().values()
+        yield from self.loss_fn.state_dict().values()
+        yield from self.ema.state_dict().values()
+
     def _flush(self, window, window_logs, grad_norms, timer, pbar) -> float:
-        """Check and log the steps since the last flush; raises NonFiniteLossError on NaN/inf."""
+        """Check and log the steps since the last flush (one host sync); on a divergence, point
+        ``latest`` at the newest vetted checkpoint and raise :class:`DivergedError`."""
         if not window:
             return self.losses[-1] if self.losses else float("nan")
-        losses = self.acc.reduce(torch.stack(window), reduction="mean").cpu()
-        values = losses.tolist()
-        first = self.step - len(values) + 1
-        bad = [first + i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            last = self.last_checkpoint or ckpt_io.read_latest(self.ckpt_root)
-            msg = (f"training loss is {values[bad[0] - first]} at step {bad[0]}: stopping. Nothing was "
-                   f"written after that step; the last good checkpoint is {last if last else '(none yet)'}. "
-                   "Resume from it "
-                   "with trainer.resume=<that dir>, e.g. with a lower trainer.lr or trainer.grad_clip.")
-            self._log_json({"step": bad[0], "event": "nonfinite_loss", "loss": str(values[bad[0] - first])})
-            raise NonFiniteLossError(msg)
+        n = len(window)
+        losses = self.acc.reduce(torch.stack(window), reduction="mean")
+        norms = torch.stack(grad_norms).float()
+        weights_ok = all_finite(self._weights()).to(losses.device)
+        packed = torch.cat([losses.float(), norms.to(losses.device), weights_ok.float().view(1)]).cpu()
+        values, norm_values = packed[:n].tolist(), packed[n:2 * n].tolist()
+        first = self.step - n + 1
+        verdict = self.health.check(first, values, norm_values, weights_finite=bool(packed[-1]))
+        self.vetting.observe(first, verdict.ok)
+        if verdict.stop:
+            self._stop(verdict, values)
+        if verdict.skipped and self.is_main:
+            log.warning("step(s) %s: gradient norm NaN/inf, update skipped (up to "
+                        "trainer.nonfinite_patience=%d in a row are tolerated)", verdict.skipped,
+                        self.cfg.nonfinite_patience)
         self.losses.extend(values)
         mean_loss = sum(values) / len(values)
         dt = max(time.perf_counter() - timer[0], 1e-9)
         img_s = timer[1] * self.cfg.batch_size / dt
         record = {"step": self.step, "epoch": self.plan.position(self.step)[0], "loss": mean_loss,
-                  "lr": self.sched.get_last_lr()[0], "it_per_s": timer[1] / dt, "img_per_s": img_s}
-        if grad_norms:
-            record["grad_norm"] = torch.stack(grad_norms).mean().item()
+                  "lr": self.sched.get_last_lr()[0], "it_per_s": timer[1] / dt, "img_per_s": img_s,
+                  "grad_norm": sum(norm_values) / n}
+        if verdict.skipped:
+            record["skipped_steps"] = len(verdict.skipped)
         for k, vs in window_logs.items():
             record[k] = self.acc.reduce(torch.stack(vs), reduction="mean").mean().item()
         flops = getattr(self.raw_model, "flops_per_image", None)
@@ -349,6 +445,28 @@ class Trainer:
         if pbar is not None:
             pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}")
         return mean_loss
+
+    def _stop(self, verdict: Verdict, values: list[float]) -> None:
+        """Fall back to the newest vetted checkpoint and raise with a message that names it."""
+        vetted, unvetted = self.vetting.fall_back()
+        vetted_means = "finite weights, and the step after it trained with a finite loss and gradient"
+        if vetted is not None:
+            where = (f"The newest vetted checkpoint ({vetted_means}) is {vetted}; "
+                     f"{self.ckpt_root / ckpt_io.LATEST_FILE} now names it, so trainer.resume=auto continues "
+                     "from it.")
+        else:
+            where = f"No checkpoint of this run is vetted ({vetted_means}): start again from scratch."
+        if unvetted:
+            where += (f" Not vetted (written before the divergence showed; do not resume from them): "
+                      f"{', '.join(p.name for p in unvetted)}.")
+        msg = (f"{verdict.reason}: stopping. Nothing was written after that step. {where} "
+               "Try a lower trainer.lr or trainer.grad_clip.")
+        event = {"step": verdict.stop_step, "event": verdict.stop_kind,
+                 "vetted": str(vetted) if vetted is not None else None}
+        if verdict.stop_kind == "nonfinite_loss":
+            event["loss"] = str(values[verdict.stop_step - verdict.first_step])
+        self._log_json(event)
+        raise (NonFiniteLossError if verdict.stop_kind == "nonfinite_loss" else DivergedError)(msg)
 
     def _log_json(self, record: dict) -> None:
         if not self.is_main:
@@ -424,7 +542,7 @@ class Trainer:
             self._before_commit(tmp)
             ckpt_io.commit_directory(tmp, path)
             ckpt_io.write_latest(self.ckpt_root, path.name)
-            ckpt_io.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
+            ckpt_io.prune_checkpoints(self.ckpt_root, self.cfg.keep_last, keep=self.vetting.protected())
         self.acc.wait_for_everyone()
         self.last_checkpoint = path
         return path
