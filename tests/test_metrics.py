@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +16,19 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from difftools.data import CorruptDataError
 from difftools.metrics import features as feat_mod
 from difftools.metrics.features import PT_INCEPTION_FILE, ClassifierFeatures, InceptionFeatures
 from difftools.metrics.fid import (
+    FrechetSampleSizeWarning,
     Stats,
     compare,
     compute_stats,
     fd,
     float_to_uint8,
+    gaussian_fit,
     images_sha256,
+    iter_images,
     reference_path,
     reference_stats,
 )
@@ -272,6 +278,86 @@ def test_fid_script_prints_one_json_line(digits_features, digits_test_uint8, tmp
     direct = compare(tmp_path / "a.npz", tmp_path / "b", features=digits_features)
     assert rec["value"] == pytest.approx(direct["value"], rel=1e-6)
     assert rec["kid"] == pytest.approx(direct["kid"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input to FD
+def _mixed_folder(folder: Path, digits: np.ndarray) -> Path:
+    """Five 16x16 digit PNGs plus a 40x40 grid image saved among them (names sort it in the middle)."""
+    write_folder(folder, digits[:5])
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "0002_grid.png")
+    return folder
+
+
+def test_mixed_image_sizes_name_every_size_and_examples(digits_test_uint8, tmp_path):
+    x = digits_test_uint8[0].permute(0, 2, 3, 1).numpy()
+    folder = _mixed_folder(tmp_path / "mixed", x)
+    expected = (f"{folder}: images of 2 different sizes:\n"
+                "  16x16: 5 files (0000.png, 0001.png, 0002.png, ...)\n"
+                "  40x40: 1 file (0002_grid.png)\n"
+                "One Fréchet distance compares images of one size")
+    for batch_size in (256, 2):  # inside one batch, and across batches (first batch all 16x16)
+        with pytest.raises(ValueError) as err:
+            list(iter_images(folder, batch_size))
+        assert str(err.value).startswith(expected), str(err.value)
+    # an undecodable file in the folder is named too
+    (folder / "0002_grid.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(CorruptDataError, match=re.escape(f"{folder / '0002_grid.png'}: cannot decode")):
+        list(iter_images(folder))
+
+
+def test_sample_size_checks_in_every_statistics_path(digits_features, digits_test_uint8):
+    x, _ = digits_test_uint8  # the digits classifier has 64 features
+    one_image = "1 image; a Fréchet distance needs a covariance, so at least 2"
+    with pytest.raises(ValueError, match=re.escape(one_image)):
+        compute_stats(x[:1], digits_features)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        gaussian_fit(np.zeros((1, 8)))
+    with pytest.warns(FrechetSampleSizeWarning, match=re.escape(
+            "n = 30 images is below the feature dimension 64: the covariance has rank <= 29")):
+        small = compute_stats(x[:30], digits_features)
+    with pytest.warns(FrechetSampleSizeWarning, match="n = 5 images is below the feature dimension 8"):
+        gaussian_fit(np.random.default_rng(0).normal(size=(5, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrechetSampleSizeWarning)  # n >= d: silent
+        big = compute_stats(x[:64], digits_features)
+        gaussian_fit(np.random.default_rng(0).normal(size=(8, 8)))
+    assert small.n == 30 and big.n == 64
+    one = Stats(mu=big.mu, sigma=np.zeros_like(big.sigma), n=1, source="one.npz")
+    with pytest.raises(ValueError, match=re.escape("one.npz: n = 1; a Fréchet distance needs n >= 2")):
+        fd(one, big)
+
+
+def test_fid_script_bad_inputs(digits_features, digits_test_uint8, tmp_path):
+    """scripts/fid.py as a user runs it: mixed sizes and a single image are errors (exit 2, no
+    traceback); n below the feature dimension prints the number and a warning."""
+    x, _ = digits_test_uint8
+    nhwc = x.permute(0, 2, 3, 1).numpy()
+    mixed = _mixed_folder(tmp_path / "mixed", nhwc)
+    np.savez(tmp_path / "one.npz", images=nhwc[:1])
+    np.savez(tmp_path / "small.npz", images=nhwc[:30])
+    np.savez(tmp_path / "ref.npz", images=nhwc[100:300])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cases = [mixed, tmp_path / "one.npz", tmp_path / "small.npz"]
+    script, ref = str(REPO / "scripts" / "fid.py"), str(tmp_path / "ref.npz")
+    procs = [subprocess.Popen([sys.executable, script, str(a), ref, "--features", digits_features.path],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for a in cases]
+    outs = [p.communicate(timeout=240) for p in procs]  # all three at once: mostly interpreter start-up
+    (out_mixed, err_mixed), (out_one, err_one), (out_small, err_small) = outs
+    assert procs[0].returncode == 2 and out_mixed == "", err_mixed[-2000:]
+    assert err_mixed.startswith(f"error: {mixed}: images of 2 different sizes:\n  16x16: 5 files"), err_mixed
+    assert "40x40: 1 file (0002_grid.png)" in err_mixed and "Traceback" not in err_mixed
+    assert procs[1].returncode == 2 and out_one == "", err_one[-2000:]
+    assert err_one.strip() == (f"error: {tmp_path / 'one.npz'}: 1 image; a Fréchet distance needs a "
+                               "covariance, so at least 2 images per set (and at least the feature "
+                               "dimension, 64, to be meaningful)")
+    assert procs[2].returncode == 0, err_small[-2000:]
+    rec = json.loads(out_small.strip())
+    assert rec["n_a"] == 30 and rec["n_b"] == 200 and np.isfinite(rec["value"])
+    assert err_small.strip() == (f"warning: {tmp_path / 'small.npz'}: n = 30 images is below the feature "
+                                 "dimension 64: the covariance has rank <= 29, so a Fréchet distance from it "
+                                 "is not meaningful (biased, and it changes with n). Use n >= 64 and compare "
+                                 "distances only at equal n.")
 
 
 def test_fd_names_never_fid_for_classifier(digits_features):
