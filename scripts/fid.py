@@ -9,7 +9,9 @@ A and B: image folders, .npz files of uint8 images, .npz statistics written by d
 ``--weights`` or $DIFFTOOLS_FID_WEIGHTS (``--download`` allows fetching them); the metric is then
 called ``fid``. With a classifier checkpoint it is ``fd_<classifier name>``.
 
-Output keys: metric, value, kid, n_a, n_b, protocol.
+Output keys: metric, value, kid, n_a, n_b, protocol. Bad input (a folder of mixed image sizes, an
+undecodable file, fewer than 2 images) prints ``error: ...`` and exits 2; fewer images than feature
+dimensions prints ``warning: ...`` (the distance is then not meaningful) on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,5 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     return rec
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    warnings.showwarning = _print_warning  # one plain line, not the library's source location
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as err:  # bad input: the message names it; no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

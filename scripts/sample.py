@@ -30,6 +30,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+# The types of conf/sample.yaml's keys: checked before any work, so `steps=abc` or
+# `metrics.features=classifier` (a string, not a list) is a ConfigError naming key, value and type.
+SAMPLE_SCHEMA = {
+    "ckpt": str, "sampler": str, "steps": int, "schedule": str, "schedule_file": str | None,
+    "sampler_opts": dict, "guidance": {"scale": float, "kind": str, "opts": dict},
+    "num_samples": int, "seed": int, "class_label": int | None, "batch_size": int, "precision": str,
+    "device": str | None, "out": str | None, "verify_weights": bool,
+    "save": {"png": bool, "npz": bool, "grid": bool, "grid_size": int},
+    "metrics": {"enabled": bool, "features": list[str], "reference_split": str, "kid": bool,
+                "inception_weights": str | None, "allow_download": bool, "dataset": str | None,
+                "image_size": int | None, "data_root": str | None},
+    "progress": bool,
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise difftools.config.ConfigError on the first value of the wrong type (keys this schema
+    does not know are left to Hydra, which already refuses unknown overrides)."""
+    from difftools.config import check_node
+
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    check_node(container, SAMPLE_SCHEMA, choices={"precision": ("bf16", "fp32")}, allow_unknown=True)
+
 
 def shard_indices(num_samples: int, rank: int, world: int) -> list[int]:
     """Indices drawn by process ``rank`` of ``world`` (strided, so every shard is class-balanced)."""
@@ -77,6 +100,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     from difftools.metrics.fid import reference_stats
     from difftools.metrics.generate import generate_uint8
 
+    check_config(cfg)  # wrong types: fail before any work
     spec = build_spec(cfg)  # unknown sampler, steps < 1: fail before any work
     ckpt = resolve_checkpoint(cfg.ckpt)
     if int(cfg.num_samples) < 1:

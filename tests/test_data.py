@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from difftools.data import ResumableSampler, build_dataset, build_loader
+from difftools.data import CorruptDataError, ResumableSampler, build_dataset, build_loader
 from difftools.data.cifar10 import load_cifar_arrays
 from difftools.data.idx import read_idx
 
@@ -201,6 +207,118 @@ def test_image_folder(tmp_path):
     torch.testing.assert_close(x[:, :, 2:6].mean((1, 2)), torch.tensor([-1.0, -1.0, 1.0]), atol=0.02, rtol=0)
     grey = build_dataset("image_folder", root=tmp_path, image_size=8, channels=1)
     assert grey[0][0].shape == (1, 8, 8)
+
+
+# ------------------------------------------------------------------------------- bad data files
+def _jpeg_bytes(seed: int, size=(32, 32)) -> bytes:
+    from PIL import Image
+
+    img = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _folder_with_bad_images(root: Path) -> tuple[Path, Path]:
+    """cat/0..2.jpg, dog/0..2.jpg; cat/1.jpg without its last 50 bytes (a copy interrupted near the
+    end: PIL reads the header, then fails while decoding) and dog/2.jpg not an image at all.
+    Returns the two bad paths."""
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.jpg").write_bytes(_jpeg_bytes(10 * len(cls) + i))
+    truncated, garbage = root / "cat" / "1.jpg", root / "dog" / "2.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:-50])
+    garbage.write_bytes(b"<html>404 not found</html>")
+    return truncated, garbage
+
+
+def test_truncated_image_in_folder_names_file_and_index(tmp_path):
+    truncated, _ = _folder_with_bad_images(tmp_path)
+    ds = build_dataset("image_folder", root=tmp_path, image_size=16)  # decoded lazily: builds fine
+    assert ds[0][0].shape == (3, 16, 16)  # cat/0.jpg is intact
+    with pytest.raises(CorruptDataError) as err:
+        ds[1]
+    msg = str(err.value)
+    assert msg.startswith(f"image_folder: cannot decode item 1 of 6, {truncated}: OSError: image file is "
+                          "truncated")
+    assert "data.verify=true" in msg and isinstance(err.value, OSError)
+    # through the training loader (worker process): the message survives the re-raise
+    loader = build_loader(ds, batch_size=6, shuffle=False, num_workers=1, drop_last=False)
+    with pytest.raises(Exception, match=re.escape(f"cannot decode item 1 of 6, {truncated}")):
+        next(iter(loader))
+
+
+def test_verify_lists_every_bad_image_before_training(tmp_path):
+    truncated, garbage = _folder_with_bad_images(tmp_path)
+    with pytest.raises(CorruptDataError) as err:
+        build_dataset("image_folder", root=tmp_path, image_size=16, verify=True)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"image_folder {tmp_path}: 2 of 6 items cannot be decoded:"
+    assert lines[1].startswith(f"  item 1: {truncated}: OSError: image file is truncated")
+    assert lines[2].startswith(f"  item 5: {garbage}: UnidentifiedImageError: cannot identify image file")
+    assert lines[3] == "Remove or replace these files, then run again."
+    garbage.unlink()
+    truncated.write_bytes(_jpeg_bytes(0))
+    assert len(build_dataset("image_folder", root=tmp_path, image_size=16, verify=True)) == 5
+    # verify is accepted for every dataset (the in-memory ones are decoded in full when built)
+    assert len(build_dataset("digits", verify=True)) > 1000
+
+
+def test_data_verify_through_the_cli(tmp_path):
+    """``train/dit.py data=image_folder data.verify=true`` stops before building the model."""
+    truncated, garbage = _folder_with_bad_images(tmp_path / "images")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "train" / "dit.py"), "data=image_folder",
+           f"data.root={tmp_path / 'images'}", "data.image_size=16", "data.verify=true",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "difftools.data.base.CorruptDataError: image_folder" in proc.stderr, proc.stderr[-3000:]
+    assert f"item 1: {truncated}: OSError: image file is truncated" in proc.stderr
+    assert f"item 5: {garbage}: UnidentifiedImageError" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _write_jpeg_npz(path: Path, blobs: list[bytes]) -> None:
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    blob = np.frombuffer(b"".join(blobs), np.uint8)
+    np.savez(path, jpeg=blob, offsets=offsets, labels=np.arange(len(blobs)))
+
+
+def test_truncated_jpeg_in_cifar_npz_lists_every_bad_item(tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    blobs = [_jpeg_bytes(i) for i in range(5)]
+    _write_jpeg_npz(folder / "cifar10_jpeg_test.npz", blobs)
+    assert len(build_dataset("cifar10", root=tmp_path, split="test")) == 5
+    bad = list(blobs)
+    bad[1], bad[3] = blobs[1][:-50], _jpeg_bytes(3, size=(28, 28))  # cut short; another size
+    _write_jpeg_npz(folder / "cifar10_jpeg_train.npz", bad)
+    with pytest.raises(CorruptDataError) as err:
+        build_dataset("cifar10", root=tmp_path, split="train")
+    lines = str(err.value).splitlines()
+    start1, start3 = sum(len(b) for b in bad[:1]), sum(len(b) for b in bad[:3])
+    assert lines[0] == f"cifar10 {folder / 'cifar10_jpeg_train.npz'}: 2 of 5 items cannot be decoded:"
+    assert lines[1].startswith(f"  item 1: JPEG bytes {start1}..{start1 + len(bad[1])}: OSError: image file "
+                               "is truncated")
+    assert lines[2] == (f"  item 3: JPEG bytes {start3}..{start3 + len(bad[3])}: ValueError: decoded to "
+                        "28x28, expected 32x32")
+    # the npz file itself cut short (an interrupted download): named, not a bare BadZipFile
+    path = folder / "cifar10_jpeg_test.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptDataError, match=re.escape(f"{path}: cannot read this npz (BadZipFile")):
+        build_dataset("cifar10", root=tmp_path, split="test")
+
+
+def test_truncated_idx_gz_names_the_file(tmp_path):
+    path = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    path.parent.mkdir()
+    _write_idx(path, 2049, np.arange(1000) % 10)
+    path.write_bytes(path.read_bytes()[:-30])  # the gzip trailer and some data missing
+    with pytest.raises(CorruptDataError, match=re.escape(f"{path}: cannot decompress (EOFError")):
+        read_idx(path, 2049)
 
 
 # ------------------------------------------------------------------------------------ loader

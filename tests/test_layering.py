@@ -39,7 +39,7 @@ KNOWN_CYCLES: dict[tuple[str, str], str] = {}
 # Every samplers module is in the bottom layer; difftools.process re-exports samplers.process.
 LAYERS: list[tuple[str, ...]] = [
     ("samplers", "difftools.process"),
-    ("difftools.device", "difftools.nn", "difftools.models"),
+    ("difftools.device", "difftools.config", "difftools.nn", "difftools.models"),
     ("difftools.data",),
     ("difftools.losses",),
     ("difftools.training", "difftools.checkpoint"),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +16,19 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from difftools.data import CorruptDataError
 from difftools.metrics import features as feat_mod
 from difftools.metrics.features import PT_INCEPTION_FILE, ClassifierFeatures, InceptionFeatures
 from difftools.metrics.fid import (
+    FrechetSampleSizeWarning,
     Stats,
     compare,
     compute_stats,
     fd,
     float_to_uint8,
+    gaussian_fit,
     images_sha256,
+    iter_images,
     reference_path,
     reference_stats,
 )
@@ -272,6 +278,105 @@ def test_fid_script_prints_one_json_line(digits_features, digits_test_uint8, tmp
     direct = compare(tmp_path / "a.npz", tmp_path / "b", features=digits_features)
     assert rec["value"] == pytest.approx(direct["value"], rel=1e-6)
     assert rec["kid"] == pytest.approx(direct["kid"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input to FD
+def _mixed_folder(folder: Path, digits: np.ndarray) -> Path:
+    """Five 16x16 digit PNGs plus a 40x40 grid image saved among them (names sort it in the middle)."""
+    write_folder(folder, digits[:5])
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "0002_grid.png")
+    return folder
+
+
+def test_mixed_image_sizes_name_every_size_and_examples(digits_test_uint8, tmp_path):
+    x = digits_test_uint8[0].permute(0, 2, 3, 1).numpy()
+    folder = _mixed_folder(tmp_path / "mixed", x)
+    expected = (f"{folder}: images of 2 different sizes:\n"
+                "  16x16: 5 files (0000.png, 0001.png, 0002.png, ...)\n"
+                "  40x40: 1 file (0002_grid.png)\n"
+                "One Fréchet distance compares images of one size")
+    for batch_size in (256, 2):  # inside one batch, and across batches (first batch all 16x16)
+        with pytest.raises(ValueError) as err:
+            list(iter_images(folder, batch_size))
+        assert str(err.value).startswith(expected), str(err.value)
+    # an undecodable file in the folder is named too
+    (folder / "0002_grid.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(CorruptDataError, match=re.escape(f"{folder / '0002_grid.png'}: cannot decode")):
+        list(iter_images(folder))
+
+
+def test_sample_size_checks_in_every_statistics_path(digits_features, digits_test_uint8):
+    x, _ = digits_test_uint8  # the digits classifier has 64 features
+    one_image = "1 image; a Fréchet distance needs a covariance, so at least 2"
+    with pytest.raises(ValueError, match=re.escape(one_image)):
+        compute_stats(x[:1], digits_features)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        gaussian_fit(np.zeros((1, 8)))
+    with pytest.warns(FrechetSampleSizeWarning, match=re.escape(
+            "n = 30 images is below the feature dimension 64: the covariance has rank <= 29")):
+        small = compute_stats(x[:30], digits_features)
+    with pytest.warns(FrechetSampleSizeWarning, match="n = 5 images is below the feature dimension 8"):
+        gaussian_fit(np.random.default_rng(0).normal(size=(5, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrechetSampleSizeWarning)  # n >= d: silent
+        big = compute_stats(x[:64], digits_features)
+        gaussian_fit(np.random.default_rng(0).normal(size=(8, 8)))
+    assert small.n == 30 and big.n == 64
+    one = Stats(mu=big.mu, sigma=np.zeros_like(big.sigma), n=1, source="one.npz")
+    with pytest.raises(ValueError, match=re.escape("one.npz: n = 1; a Fréchet distance needs n >= 2")):
+        fd(one, big)
+
+
+def _run_fid_script(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """scripts/fid.py's ``__main__`` block in this process (its error / warning handling included):
+    (exit code, stdout, stderr)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["fid.py", *argv])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # the script replaces it; restored
+    code = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FrechetSampleSizeWarning)
+        try:
+            runpy.run_path(str(REPO / "scripts" / "fid.py"), run_name="__main__")
+        except SystemExit as exit_:
+            code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fid_script_bad_inputs(digits_features, digits_test_uint8, tmp_path, monkeypatch, capsys):
+    """scripts/fid.py as a user runs it: mixed sizes and a single image are errors (exit 2, one
+    line, no traceback); n below the feature dimension prints the number and a warning. (The
+    plain subprocess run is test_fid_script_prints_one_json_line; here the __main__ block runs
+    in-process to spare three interpreter start-ups.)"""
+    x, _ = digits_test_uint8
+    nhwc = x.permute(0, 2, 3, 1).numpy()
+    mixed = _mixed_folder(tmp_path / "mixed", nhwc)
+    np.savez(tmp_path / "one.npz", images=nhwc[:1])
+    np.savez(tmp_path / "small.npz", images=nhwc[:30])
+    np.savez(tmp_path / "ref.npz", images=nhwc[100:300])
+    ref, features = str(tmp_path / "ref.npz"), ["--features", digits_features.path]
+
+    code, out, err = _run_fid_script([str(mixed), ref, *features], monkeypatch, capsys)
+    assert code == 2 and out == "", err
+    assert err.startswith(f"error: {mixed}: images of 2 different sizes:\n  16x16: 5 files"), err
+    assert "40x40: 1 file (0002_grid.png)" in err and "Traceback" not in err
+
+    code, out, err = _run_fid_script([str(tmp_path / "one.npz"), ref, *features], monkeypatch, capsys)
+    assert code == 2 and out == "", err
+    assert err.strip() == (f"error: {tmp_path / 'one.npz'}: 1 image; a Fréchet distance needs a "
+                           "covariance, so at least 2 images per set (and at least the feature "
+                           "dimension, 64, to be meaningful)")
+
+    code, out, err = _run_fid_script([str(tmp_path / "small.npz"), ref, *features], monkeypatch, capsys)
+    assert code == 0, err
+    rec = json.loads(out.strip())
+    assert rec["n_a"] == 30 and rec["n_b"] == 200 and np.isfinite(rec["value"])
+    # (pytest also shows third-party DeprecationWarnings, which a plain run hides: look for the line)
+    assert (f"warning: {tmp_path / 'small.npz'}: n = 30 images is below the feature dimension 64: the "
+            "covariance has rank <= 29, so a Fréchet distance from it is not meaningful (biased, and it "
+            "changes with n). Use n >= 64 and compare distances only at equal n.") in err.splitlines(), err
 
 
 def test_fd_names_never_fid_for_classifier(digits_features):

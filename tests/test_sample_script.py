@@ -170,6 +170,8 @@ def test_same_seed_same_images_independent_of_batch_and_shards(tiny_ckpt, tmp_pa
         (dict(ckpt="/nonexistent/run"), "checkpoint not found"),
         (dict(sampler="nope"), "unknown sampler 'nope'"),
         (dict(steps=0), "steps must be >= 1"),
+        (dict(steps="abc"), "steps='abc' is a str; expected an integer"),
+        (dict(guidance={"scale": "strong"}), "guidance.scale='strong' is a str; expected a number"),
     ],
 )
 def test_clear_errors(tiny_ckpt, tmp_path, over, message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import hydra
 import torch
@@ -28,6 +29,27 @@ def instantiate(node, **kw):
         if err.__cause__ is not None:
             raise err.__cause__ from None
         raise
+
+
+def check_config(cfg: DictConfig):
+    """Type-check the trainer, loss and eval nodes before anything is built, so that a wrong value
+    (``trainer.max_steps=abc``, ``eval.num_samples=1e3.5``) fails in seconds with a ConfigError
+    naming key, value and expected type, not deep in the loop or after training. Returns the
+    :class:`TrainerConfig`."""
+    from difftools.config import check_node, signature_schema
+    from difftools.losses import check_loss_node
+    from difftools.training import TrainerConfig
+
+    tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    check_loss_node(OmegaConf.to_container(cfg.loss, resolve=True))
+    try:
+        from difftools.metrics.evaluate import evaluate_checkpoint
+    except ImportError:
+        return tcfg  # evaluate() warns and skips
+    # eval holds evaluate_checkpoint's keywords; unknown ones go on to the sampler (**sampler_opts)
+    schema = {"enabled": bool, **signature_schema(evaluate_checkpoint, skip=("checkpoint", "log"))}
+    check_node(OmegaConf.to_container(cfg.eval, resolve=True), schema, node="eval", allow_unknown=True)
+    return tcfg
 
 
 def build_run(cfg: DictConfig):
@@ -77,10 +99,15 @@ def evaluate(checkpoint, cfg_eval: DictConfig):
 def main(cfg: DictConfig) -> float:
     from accelerate.utils import broadcast_object_list
 
-    from difftools.training import Trainer, TrainerConfig
+    from difftools.config import ConfigError
+    from difftools.training import Trainer
     from difftools.training.trainer import make_accelerator
 
-    tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    try:
+        tcfg = check_config(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     accelerator = make_accelerator(tcfg)
     # every rank must write to rank 0's run directory (Hydra's timestamp may differ by a second)
     out_dir = broadcast_object_list([HydraConfig.get().runtime.output_dir])[0]

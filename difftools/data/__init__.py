@@ -9,17 +9,32 @@ one of ``digits`` (embedded, no files), ``mnist``, ``fashion_mnist``, ``cifar10`
 
 from __future__ import annotations
 
-from difftools.data.base import ArrayDataset, DatasetInfo, data_roots
+from difftools.data.base import ArrayDataset, CorruptDataError, DatasetInfo, data_roots
 from difftools.data.loader import ResumableLoader, ResumableSampler, build_loader
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "latents")
 
 
 def build_dataset(
-    name: str, root=None, split: str = "train", image_size: int | None = None, random_flip: bool = False, **kw
+    name: str,
+    root=None,
+    split: str = "train",
+    image_size: int | None = None,
+    random_flip: bool = False,
+    verify: bool | None = None,
+    **kw,
 ):
     """Build dataset ``name``; extra keywords: ``resize`` (pad | nearest | bilinear | bicubic) for the
-    array datasets, ``channels`` for image_folder, LatentDataset's own arguments for latents."""
+    array datasets, ``channels`` for image_folder, LatentDataset's own arguments for latents.
+
+    ``verify=True`` (Hydra: ``data.verify=true``) checks every item when the dataset is built and
+    raises one :class:`~difftools.data.base.CorruptDataError` listing all bad files: image_folder
+    decodes every image (otherwise each is decoded when first served), latents checks every shard's
+    sha256 (its default). None: the dataset's default. digits, mnist, fashion_mnist and cifar10 read
+    and decode every item when built, so they are always verified (a bad item is reported by index).
+    """
+    if verify is not None and name in ("image_folder", "latents"):
+        kw["verify"] = bool(verify)
     if name == "digits":
         from difftools.data.digits import load_digits_dataset
 
@@ -45,6 +60,7 @@ def build_dataset(
 
 __all__ = [
     "ArrayDataset",
+    "CorruptDataError",
     "DATASETS",
     "DatasetInfo",
     "ResumableLoader",

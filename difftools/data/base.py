@@ -37,6 +37,31 @@ def data_roots(root: str | os.PathLike | None = None) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in roots))
 
 
+class CorruptDataError(OSError):
+    """A data file, or an image inside one, cannot be read or decoded (truncated, damaged, not an
+    image). The message names the file, the item index and the decoder's own reason; an OSError like
+    PIL's ``image file is truncated``, so handlers of that keep working."""
+
+
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file that is not a decodable image: truncated or unidentified (OSError),
+    broken chunks (SyntaxError, ValueError, EOFError), absurd sizes (DecompressionBombError)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError
+
+
+def describe_bad_items(dataset: str, bad: list[tuple[int, str, BaseException]], total: int,
+                       advice: str, show: int = 20) -> str:
+    """The message for ``bad`` = [(index, where, error)] out of ``total`` items: every bad item up
+    to ``show`` (with its file and the decoder's reason), then how many more, then ``advice``."""
+    lines = [f"  item {i}: {where}: {type(err).__name__}: {err}" for i, where, err in bad[:show]]
+    if len(bad) > show:
+        lines.append(f"  ... and {len(bad) - show} more")
+    noun = "item" if total == 1 else "items"
+    return f"{dataset}: {len(bad)} of {total} {noun} cannot be decoded:\n" + "\n".join(lines) + f"\n{advice}"
+
+
 def missing(dataset: str, expected: list[Path], what: str) -> FileNotFoundError:
     """The error for absent dataset files: every path tried and how to provide the data."""
     tried = "\n  ".join(str(p) for p in expected)

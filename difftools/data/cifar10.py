@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +26,11 @@ import torch
 
 from difftools.data.base import (
     ArrayDataset,
+    CorruptDataError,
     DatasetInfo,
     data_roots,
+    decode_errors,
+    describe_bad_items,
     missing,
     nhwc_uint8_to_tensor,
     resize_uint8,
@@ -35,31 +40,59 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 _CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
+def _read_npz(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
+    """The arrays ``keys`` of an npz file; CorruptDataError naming the file when it cannot be read."""
+    try:
+        with np.load(path) as data:
+            missing_keys = [k for k in keys if k not in data.files]
+            if missing_keys:
+                raise CorruptDataError(f"{path}: no array(s) {missing_keys} in this npz (it holds "
+                                       f"{data.files}); expected {list(keys)}")
+            return [data[k] for k in keys]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        if isinstance(err, CorruptDataError):
+            raise
+        raise CorruptDataError(f"{path}: cannot read this npz ({type(err).__name__}: {err}); the file is "
+                               "truncated or damaged: replace it (see ../shared/data/SOURCES.md)") from err
+
+
 def _decode_jpeg_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every JPEG of the npz; one CorruptDataError lists all items that fail (index, byte
+    range, reason), since they are all decoded here anyway."""
     from PIL import Image
 
-    with np.load(path) as data:
-        blob, offsets, labels = data["jpeg"], data["offsets"], data["labels"]
+    blob, offsets, labels = _read_npz(path, ("jpeg", "offsets", "labels"))
     n = len(offsets) - 1
     out = np.empty((n, 32, 32, 3), dtype=np.uint8)
     view = memoryview(blob)
+    errors = decode_errors()
 
-    def decode(lo: int, hi: int) -> None:
+    def decode(lo: int, hi: int) -> list[tuple[int, str, BaseException]]:
+        bad = []
         for i in range(lo, hi):
-            with Image.open(io.BytesIO(view[offsets[i] : offsets[i + 1]])) as im:
-                out[i] = np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(io.BytesIO(view[offsets[i] : offsets[i + 1]])) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+                if rgb.shape != (32, 32, 3):
+                    raise ValueError(f"decoded to {rgb.shape[1]}x{rgb.shape[0]}, expected 32x32")
+                out[i] = rgb
+            except errors as err:
+                bad.append((i, f"JPEG bytes {offsets[i]}..{offsets[i + 1]}", err))
+        return bad
 
     # PIL releases the GIL while decoding, so threads scale with cores
     workers = max(1, min(8, os.cpu_count() or 1))
     bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(decode, bounds[:-1], bounds[1:]))
+        bad = [b for part in pool.map(decode, bounds[:-1], bounds[1:]) for b in part]
+    if bad:
+        raise CorruptDataError(describe_bad_items(
+            f"cifar10 {path}", bad, n, "The file is damaged: replace it (see ../shared/data/SOURCES.md)."))
     return out, labels.astype(np.int64)
 
 
 def _read_plain_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
-        images, labels = data["images"], data["labels"]
+    images, labels = _read_npz(path, ("images", "labels"))
     if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
         images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3):

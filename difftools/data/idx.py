@@ -9,6 +9,7 @@ copies whose decompressed bytes are the canonical originals (see SOURCES.md), so
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from difftools.data.base import (
     ArrayDataset,
+    CorruptDataError,
     DatasetInfo,
     data_roots,
     missing,
@@ -46,8 +48,12 @@ PREFIX = {"train": "train", "test": "t10k"}
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     """Read one idx file (``.gz`` or plain) into a uint8 array of shape (count, *dims)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a truncated or damaged .gz
+        raise CorruptDataError(f"{path}: cannot decompress ({type(err).__name__}: {err}); the file is "
+                               "truncated or damaged: replace it (see ../shared/data/SOURCES.md)") from err
     magic = int.from_bytes(data[0:4], "big")
     if magic != expected_magic:
         raise ValueError(

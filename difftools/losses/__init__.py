@@ -9,13 +9,26 @@ from collections.abc import Mapping
 
 import torch.nn as nn
 
+from difftools.config import check_node, signature_schema
 from difftools.losses.alignment import AlignedLoss
-from difftools.losses.denoising import DenoisingLoss, DenoisingTerms
+from difftools.losses.denoising import T_DISTRIBUTIONS, WEIGHTINGS, DenoisingLoss, DenoisingTerms
+from samplers.process import PREDICTIONS
 
-__all__ = ["DenoisingLoss", "DenoisingTerms", "build_loss"]
+__all__ = ["DenoisingLoss", "DenoisingTerms", "build_loss", "check_loss_node"]
 
 _DENOISING_KEYS = ("prediction", "t_distribution", "weighting", "t_min", "t_max", "t_mean", "t_std",
                    "min_snr_gamma", "sigma_data")
+_ALIGN_SCHEMA = {"weight": float, "depth": int, "features": str, "beta": float, "widths": list[int] | None}
+
+
+def check_loss_node(cfg_loss: Mapping) -> dict:
+    """The ``loss`` config node as a plain dict, each value checked against the type of the
+    :class:`DenoisingLoss` argument (or ``align`` option) it feeds and the fixed choices; raises
+    ``difftools.config.ConfigError`` naming the key, value and expected type (or an unknown key)."""
+    schema = {k: v for k, v in signature_schema(DenoisingLoss.__init__).items() if k in _DENOISING_KEYS}
+    choices = {"prediction": PREDICTIONS, "t_distribution": T_DISTRIBUTIONS, "weighting": WEIGHTINGS,
+               "align.features": ("latent", "encoder")}
+    return check_node(cfg_loss, {**schema, "align": _ALIGN_SCHEMA}, node="loss", choices=choices)
 
 
 def build_loss(cfg_loss: Mapping, model: nn.Module, process, vae=None) -> nn.Module:
@@ -26,11 +39,8 @@ def build_loss(cfg_loss: Mapping, model: nn.Module, process, vae=None) -> nn.Mod
     ``beta``, ``widths``. The model is only read (hidden size, patch size, channels); the loss must
     not keep it as a submodule, or its parameters would be counted twice.
     """
-    cfg = {k: cfg_loss[k] for k in cfg_loss}
+    cfg = check_loss_node(cfg_loss)
     align = cfg.pop("align", None)
-    unknown = sorted(set(cfg) - set(_DENOISING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown loss option(s) {unknown}; expected {list(_DENOISING_KEYS)} and 'align'")
     loss = DenoisingLoss(process, **cfg)
     align = {k: align[k] for k in align} if align is not None else {}
     if float(align.get("weight", 0.0) or 0.0) <= 0.0:

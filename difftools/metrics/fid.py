@@ -23,6 +23,10 @@ An image set (``ImageSource``) is any of
 Reference statistics of a toolkit dataset (per dataset / split / resolution / feature space) are
 computed once by :func:`reference_stats` and cached as npz together with the sha256 of the uint8
 source images they came from.
+
+Sample size: a covariance needs n >= 2 images (fewer is a ValueError), and with n below the feature
+dimension d it has rank <= n - 1 < d, so the distance is dominated by the estimate's bias and moves
+with n; every statistics computation warns (:class:`FrechetSampleSizeWarning`) in that case.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from glob import glob
@@ -43,9 +48,33 @@ from cleanfid.utils import EXTENSIONS
 from PIL import Image
 from tqdm.auto import tqdm
 
+from difftools.data.base import CorruptDataError, decode_errors
 from difftools.metrics.features import FeatureExtractor, build_extractor, cache_dir
 
 STATS_VERSION = 1
+
+
+class FrechetSampleSizeWarning(UserWarning):
+    """Fewer images than feature dimensions: the covariance is singular and a Fréchet distance from
+    it is not meaningful (biased; it changes with n)."""
+
+
+def check_sample_size(n: int, dim: int, source: str = "") -> None:
+    """ValueError for n < 2 (no covariance), FrechetSampleSizeWarning for n < dim."""
+    where = f"{source}: " if source else ""
+    if n < 2:
+        raise ValueError(
+            f"{where}{n} image{'s' if n != 1 else ''}; a Fréchet distance needs a covariance, so at least "
+            f"2 images per set (and at least the feature dimension, {dim}, to be meaningful)"
+        )
+    if n < dim:
+        warnings.warn(
+            f"{where}n = {n} images is below the feature dimension {dim}: the covariance has rank "
+            f"<= {n - 1}, so a Fréchet distance from it is not meaningful (biased, and it changes with n). "
+            f"Use n >= {dim} and compare distances only at equal n.",
+            FrechetSampleSizeWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------------- image sources
@@ -107,16 +136,57 @@ def load_npz_images(path: str | Path) -> np.ndarray:
     raise KeyError(f"{path}: no image array found (keys {keys}); store images under 'images'")
 
 
+def _read_named(path: str) -> np.ndarray:
+    """read_image, with the file named when it cannot be decoded."""
+    try:
+        return read_image(path)
+    except decode_errors() as err:
+        raise CorruptDataError(f"{path}: cannot decode ({type(err).__name__}: {err})") from err
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file header (or the .npy shape), without decoding the pixels."""
+    if path.endswith(".npy"):
+        shape = np.load(path, mmap_mode="r").shape
+        return int(shape[1]), int(shape[0])
+    with Image.open(path) as img:
+        return img.size
+
+
+def mixed_sizes_error(folder: Path, files: list[str], show: int = 3) -> ValueError:
+    """The error for a folder whose images differ in size: every size found, with its count and
+    example files (most common size first)."""
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for f in files:
+        by_size.setdefault(_image_size(f), []).append(f)
+    parts = []
+    for (w, h), group in sorted(by_size.items(), key=lambda kv: -len(kv[1])):
+        examples = ", ".join(os.path.relpath(f, folder) for f in group[:show])
+        more = ", ..." if len(group) > show else ""
+        parts.append(f"  {w}x{h}: {len(group)} file{'s' if len(group) != 1 else ''} ({examples}{more})")
+    return ValueError(
+        f"{folder}: images of {len(by_size)} different sizes:\n" + "\n".join(parts) + "\n"
+        "One Fréchet distance compares images of one size: remove the odd ones (e.g. a sample grid saved "
+        "next to the samples) or resize them all."
+    )
+
+
 def iter_images(source, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """Yield uint8 batches [B, C, H, W] from any :data:`ImageSource` except statistics."""
+    """Yield uint8 batches [B, C, H, W] from any :data:`ImageSource` except statistics. A folder
+    must hold images of one size (ValueError listing the sizes and example files otherwise)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
             files = list_image_files(path)
             if not files:
                 raise FileNotFoundError(f"no images ({', '.join(sorted(EXTENSIONS))}) under {path}")
+            size = None
             for i in range(0, len(files), batch_size):
-                yield _stack([read_image(f) for f in files[i : i + batch_size]])
+                arrays = [_read_named(f) for f in files[i : i + batch_size]]
+                size = size or arrays[0].shape[:2]
+                if any(a.shape[:2] != size for a in arrays):  # only then read every header, for the message
+                    raise mixed_sizes_error(path, files)
+                yield _stack(arrays)
             return
         if path.suffix == ".npz" and path.is_file():
             source = load_npz_images(path)
@@ -242,8 +312,10 @@ def extract_features(
 
 
 def gaussian_fit(feats: np.ndarray) -> Stats:
-    """Bare Gaussian fit (mean, covariance, n) of a feature matrix [n, d], for ad-hoc distances."""
+    """Bare Gaussian fit (mean, covariance, n) of a feature matrix [n, d], for ad-hoc distances.
+    n < 2 is a ValueError, n < d a FrechetSampleSizeWarning."""
     feats = np.asarray(feats, dtype=np.float64)
+    check_sample_size(len(feats), feats.shape[1] if feats.ndim == 2 else 1)
     return Stats(mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), n=len(feats))
 
 
@@ -256,7 +328,9 @@ def stats_from_features(
     seed: int = 0,
 ) -> Stats:
     """Mean and covariance exactly as clean-fid takes them; keeps at most ``kid_features`` feature
-    rows (a fixed random subset) for KID."""
+    rows (a fixed random subset) for KID. n < 2 is a ValueError, n < d a FrechetSampleSizeWarning
+    (both naming ``source``)."""
+    check_sample_size(len(feats), feats.shape[1], source)
     mu = np.mean(feats, axis=0)
     sigma = np.cov(feats, rowvar=False)
     keep = feats
@@ -298,6 +372,10 @@ def fd(a: Stats, b: Stats) -> float:
 
     d^2 = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})  (Heusel et al. 2017, arXiv 1706.08500).
     """
+    for s in (a, b):
+        if 0 <= s.n < 2:  # statistics made elsewhere (n = -1: a file without the count)
+            raise ValueError(f"{s.source or 'statistics'}: n = {s.n}; a Fréchet distance needs n >= 2 "
+                             "per set")
     try:
         return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
     except TypeError as err:  # SciPy >= 1.18 dropped sqrtm's ``disp`` argument that clean-fid passes

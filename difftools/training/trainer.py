@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -92,14 +92,15 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, d) -> TrainerConfig:
-        d = {k: d[k] for k in d}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown trainer option(s) {unknown}; valid: {sorted(names)}")
-        if "betas" in d:
-            d["betas"] = tuple(float(b) for b in d["betas"])
-        return cls(**d)
+        """From the ``trainer`` config node, every value checked against its field's type (and the
+        fixed choices below): a wrong one is a ``difftools.config.ConfigError`` naming key, value
+        and expected type, raised before anything is built."""
+        from difftools.config import from_mapping
+        from samplers.sampling import SOLVERS
+
+        choices = {"lr_decay": ("constant", "cosine"), "mixed_precision": ("auto", "bf16", "no"),
+                   "device": ("auto", "cpu"), "sample_solver": tuple(SOLVERS)}
+        return from_mapping(cls, d, node="trainer", choices=choices)
 
 
 @dataclass
