@@ -4,6 +4,8 @@ Layout of one checkpoint (``<run>/checkpoints/step_000500/``)::
 
     model.safetensors   raw weights of the exported model (no loss-module parameters)
     ema.safetensors     EMA weights of the same model (what sampling uses)
+                        (either one, above ``max_shard_size``, as shards: ``ema.safetensors.index.json``
+                        + ``ema-00001-of-0000N.safetensors``..., see :func:`save_weights`)
     config.yaml         the resolved run config; its ``checkpoint`` node rebuilds everything:
                         weights_sha256 (of every *.safetensors file), kind, model_class, model
                         (constructor kwargs), process, prediction, autoencoder, dataset_info, step
@@ -74,6 +76,12 @@ LATEST_FILE = "latest"
 TMP_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 HASHES_KEY = "weights_sha256"
+#: sharded ``<name>.safetensors`` = ``<name>.safetensors.index.json`` + shards (transformers / diffusers)
+INDEX_SUFFIX = ".index.json"
+#: weights larger than this are written as shards (diffusers' default); ``$DIFFTOOLS_MAX_SHARD_SIZE``
+#: or the ``max_shard_size`` argument override it
+DEFAULT_MAX_SHARD_SIZE = "10GB"
+SHARD_SIZE_ENV = "DIFFTOOLS_MAX_SHARD_SIZE"
 #: keys checkpoint_meta writes; all must be present on load (a missing one means a truncated file)
 NODE_KEYS = ("kind", "model_class", "model", "process", "prediction", "autoencoder", "dataset_info", "step")
 #: checkpoint kinds that are not denoisers (no process / prediction); every other kind is one
@@ -233,12 +241,91 @@ def write_latest(root: str | os.PathLike, name: str) -> None:
         tmp.write_text(name + "\n")
 
 
-def save_weights(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Save tensors as safetensors (CPU, contiguous, unshared copies)."""
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"10GB"``, ``"500MB"`` (powers of 1000, as in
+    transformers / diffusers) or ``"2GiB"`` (powers of 1024)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1, "": 1}
+        unit = next(u for u in units if text.endswith(u))  # longest units first, "" matches last
+        try:
+            value = int(float(text[: len(text) - len(unit)]) * units[unit])
+        except (ValueError, OverflowError):  # "ten GB", "infGB"
+            value = 0
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be a positive size such as 10GB, 500MB or 2GiB, got {size!r}")
+    return value
+
+
+def max_shard_bytes(max_shard_size: int | str | None = None) -> int:
+    """The shard size limit: the argument, else ``$DIFFTOOLS_MAX_SHARD_SIZE``, else 10GB."""
+    if max_shard_size is None:
+        max_shard_size = os.environ.get(SHARD_SIZE_ENV) or DEFAULT_MAX_SHARD_SIZE
+    return parse_size(max_shard_size)
+
+
+def shard_name(path: str | os.PathLike, index: int, count: int) -> str:
+    """``model.safetensors`` -> ``model-00002-of-00005.safetensors`` (1-based ``index``)."""
+    stem = Path(path).name.removesuffix(".safetensors")
+    return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def index_path_for(path: str | os.PathLike) -> Path:
+    """``.../model.safetensors`` -> ``.../model.safetensors.index.json``."""
+    path = Path(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def _remove_weights(path: Path) -> None:
+    """Delete ``path`` in either form (one file, or index + shards), so a rewrite leaves no stale twin."""
+    path.unlink(missing_ok=True)
+    index_path_for(path).unlink(missing_ok=True)
+    stem = path.name.removesuffix(".safetensors")
+    for shard in path.parent.glob(f"{stem}-?????-of-?????.safetensors"):
+        shard.unlink()
+
+
+def save_weights(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
+                 max_shard_size: int | str | None = None) -> list[Path]:
+    """Save tensors as safetensors (CPU, contiguous, unshared copies); the files written.
+
+    Up to ``max_shard_size`` bytes (:func:`max_shard_bytes`) in total this is the one file ``path``.
+    Above it, the transformers / diffusers sharded layout: shards ``<stem>-0000i-of-0000N.safetensors``
+    of at most that size each (a single larger tensor gets a shard of its own), filled in key order,
+    and ``<path>.index.json`` = ``{"metadata": {"total_size": bytes}, "weight_map": {key: shard}}``.
+    :func:`load_weights` reads both forms; every shard gets its own sha256 in config.yaml.
+    """
     from safetensors.torch import save_file
 
+    path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(path))
+    limit = max_shard_bytes(max_shard_size)
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    _remove_weights(path)
+    if total <= limit:
+        save_file(tensors, str(path))
+        return [path]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    weight_map, written = {}, []
+    for i, keys in enumerate(groups, start=1):
+        name = shard_name(path, i, len(groups))
+        save_file({k: tensors[k] for k in keys}, str(path.parent / name))
+        weight_map.update(dict.fromkeys(keys, name))
+        written.append(path.parent / name)
+    index = index_path_for(path)
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return [index, *written]
 
 
 def save_config(path: str | os.PathLike, config: Mapping) -> None:
@@ -275,8 +362,9 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def record_weight_hashes(config: Mapping, folder: str | os.PathLike) -> dict:
-    """``config`` with the sha256 of every ``*.safetensors`` file under ``folder`` (keyed by its
-    path relative to ``folder``) as ``checkpoint.weights_sha256``, the first key of that node.
+    """``config`` with the sha256 of every ``*.safetensors`` file (each shard of a sharded one, and its
+    ``.index.json``) under ``folder`` (keyed by its path relative to ``folder``) as
+    ``checkpoint.weights_sha256``, the first key of that node.
 
     First, because the node is the last thing in config.yaml: a copy truncated at a line boundary
     then loses required keys after the hashes (caught by :func:`checkpoint_node`) instead of
@@ -286,7 +374,8 @@ def record_weight_hashes(config: Mapping, folder: str | os.PathLike) -> dict:
     config = dict(config)
     if not isinstance(config.get("checkpoint"), Mapping):
         raise ValueError("record_weight_hashes needs the config's 'checkpoint' node (checkpoint_meta)")
-    hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
+    files = sorted([*folder.rglob("*.safetensors"), *folder.rglob(f"*.safetensors{INDEX_SUFFIX}")])
+    hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
     node = {k: v for k, v in config["checkpoint"].items() if k != HASHES_KEY}
     config["checkpoint"] = {HASHES_KEY: hashes, **node}
     return config
@@ -321,21 +410,24 @@ def checkpoint_meta(model: torch.nn.Module, *, kind: str = "dit", process=None, 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, config: Mapping | None = None,
                     ema_state: Mapping[str, torch.Tensor] | None = None, kind: str = "dit", process=None,
                     prediction: str | None = None, autoencoder=None, dataset_info=None,
-                    step: int | None = None, update_latest: bool = True) -> Path:
+                    step: int | None = None, update_latest: bool = True,
+                    max_shard_size: int | str | None = None) -> Path:
     """Write a complete (weights + config) checkpoint directory atomically; single process.
 
     The trainer writes the same layout plus ``state/`` (see :class:`difftools.training.Trainer`).
     ``config`` is the run config (any nested mapping); the ``checkpoint`` node is added to it, with
     the sha256 of both weight files. With ``update_latest`` the parent folder's ``latest`` pointer
-    names this checkpoint (after the directory is in place).
+    names this checkpoint (after the directory is in place). Weights above ``max_shard_size``
+    (:func:`max_shard_bytes`) are written as shards (:func:`save_weights`).
     """
     path = Path(path)
     full = dict(_plain(config or {}))
     full["checkpoint"] = checkpoint_meta(model, kind=kind, process=process, prediction=prediction,
                                          autoencoder=autoencoder, dataset_info=dataset_info, step=step)
     with atomic_directory(path) as tmp:
-        save_weights(tmp / MODEL_FILE, model.state_dict())
-        save_weights(tmp / EMA_FILE, ema_state if ema_state is not None else model.state_dict())
+        save_weights(tmp / MODEL_FILE, model.state_dict(), max_shard_size)
+        ema = ema_state if ema_state is not None else model.state_dict()
+        save_weights(tmp / EMA_FILE, ema, max_shard_size)
         save_config(tmp / CONFIG_FILE, record_weight_hashes(full, tmp))
     if update_latest:
         write_latest(path.parent, path.name)
@@ -422,17 +514,68 @@ def require_file(ckpt: Path, name: str) -> Path:
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a truncated or garbled file raises :class:`CheckpointError`.
+    """Read a safetensors file, or its sharded form (``<path>.index.json`` + shards, see
+    :func:`save_weights`) when ``path`` itself is absent; a truncated or garbled file, a missing
+    shard or an index that does not match its shards raises :class:`CheckpointError`.
 
-    This checks the file's structure only; :func:`read_checkpoint_weights` also checks its recorded
+    This checks the files' structure only; :func:`read_checkpoint_weights` also checks their recorded
     sha256 and that every value is finite.
     """
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if not path.is_file() and index_path_for(path).is_file():
+        return _load_sharded(index_path_for(path), device)
     try:
         return load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises SafetensorError / OSError / ValueError
         raise CheckpointError(f"corrupt weights file {path}: {err}") from err
+
+
+def read_shard_index(index: str | os.PathLike) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a sharded-weights index, validated:
+    a mapping of names to plain ``*.safetensors`` file names next to the index."""
+    index = Path(index)
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"corrupt {index}: expected a non-empty 'weight_map' of tensor name -> "
+                              "shard file")
+    for key, shard in weight_map.items():
+        # a plain name: an index must not make the reader open files outside its own folder
+        if (not isinstance(shard, str) or Path(shard).name != shard or shard.startswith(".")
+                or not shard.endswith(".safetensors")):
+            raise CheckpointError(f"corrupt {index}: tensor {key!r} maps to {shard!r}, which is not a "
+                                  "*.safetensors file name in the same folder")
+    return weight_map
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """The files that hold the weights ``path``: ``[path]``, or its index followed by its shards."""
+    path = Path(path)
+    index = index_path_for(path)
+    if path.is_file() or not index.is_file():
+        return [path]
+    return [index, *(index.parent / name for name in sorted(set(read_shard_index(index).values())))]
+
+
+def _load_sharded(index: Path, device) -> dict[str, torch.Tensor]:
+    weight_map = read_shard_index(index)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        f = index.parent / shard
+        if not f.is_file():
+            raise CheckpointError(f"incomplete sharded weights {index}: shard {f} is missing (the copy or "
+                                  "the write was interrupted); copy it again or use another checkpoint")
+        part = load_weights(f, device)
+        listed = {k for k, s in weight_map.items() if s == shard}
+        if set(part) != listed:
+            extra, absent = sorted(set(part) - listed), sorted(listed - set(part))
+            what = ([f"holds {extra[:5]}, which the index does not assign to it"] if extra else []) + (
+                [f"lacks {absent[:5]}, which the index assigns to it"] if absent else [])
+            raise CheckpointError(f"corrupt sharded weights {index}: shard {shard} " + " and ".join(what))
+        state.update(part)
+    return state
 
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
@@ -450,33 +593,57 @@ def read_checkpoint_weights(ckpt: str | os.PathLike, name: str, node: Mapping | 
                             device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load ``ckpt/name`` (e.g. ``ema.safetensors``, ``state/loss.safetensors``) after checking its
     sha256 against ``node["weights_sha256"]`` (the validated ``checkpoint`` node of config.yaml), and
-    refuse non-finite values.
+    refuse non-finite values. A sharded ``name`` (``name.index.json`` + shards) is read transparently,
+    each of its files checked against its own recorded sha256.
 
     ``verify=False`` skips the hash check (weights edited on purpose); checkpoints written before
     hashes were recorded load with the check skipped and a log line.
     """
     ckpt = Path(ckpt)
-    f = require_file(ckpt, name)
+    if not (ckpt / name).is_file() and not index_path_for(ckpt / name).is_file():
+        require_file(ckpt, name)  # neither form: the usual "incomplete checkpoint" error
+    files = shard_files(ckpt / name)
     recorded = (node or {}).get(HASHES_KEY)
     if not verify:
-        log.info("%s: sha256 check skipped (verify=False)", f)
+        log.info("%s: sha256 check skipped (verify=False)", ckpt / name)
     elif recorded is None:
         log.info("%s: no sha256 recorded in %s (written before checkpoints recorded them); integrity not "
-                 "verified", f, ckpt / CONFIG_FILE)
-    elif name not in recorded:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE} records the sha256 of {sorted(recorded)} but not of "
-                              f"{name}: the file was added after the checkpoint was written")
+                 "verified", ckpt / name, ckpt / CONFIG_FILE)
     else:
-        actual = file_sha256(f)
-        if actual != recorded[name]:
-            raise CheckpointError(
-                f"corrupt weights file {f}: its sha256 is {actual}, but {ckpt / CONFIG_FILE} records "
-                f"{recorded[name]}: the file changed after it was saved (disk or copy error). Use another "
-                "checkpoint; if you edited the weights on purpose, load with verify=False "
-                "(scripts/sample.py: verify_weights=false)")
-    state = load_weights(f, device)
-    check_finite(state, f)
+        for f in files:
+            _verify_sha256(ckpt, f, recorded)
+    state = load_weights(ckpt / name, device)
+    check_finite(state, ckpt / name)
     return state
+
+
+def _verify_sha256(ckpt: Path, f: Path, recorded: Mapping[str, str]) -> None:
+    rel = f.relative_to(ckpt).as_posix()
+    if rel not in recorded:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE} records the sha256 of {sorted(recorded)} but not of "
+                              f"{rel}: the file was added after the checkpoint was written")
+    if not f.is_file():
+        raise CheckpointError(f"incomplete checkpoint {ckpt}: missing {rel} (a shard of sharded weights); "
+                              "copy it again or use another checkpoint")
+    actual = file_sha256(f)
+    if actual != recorded[rel]:
+        raise CheckpointError(
+            f"corrupt weights file {f}: its sha256 is {actual}, but {ckpt / CONFIG_FILE} records "
+            f"{recorded[rel]}: the file changed after it was saved (disk or copy error). Use another "
+            "checkpoint; if you edited the weights on purpose, load with verify=False "
+            "(scripts/sample.py: verify_weights=false)")
+
+
+def weights_sha256(ckpt: str | os.PathLike, name: str = EMA_FILE) -> str:
+    """One sha256 that identifies the weights ``ckpt/name``: the file's own sha256, or for sharded
+    weights the sha256 of the index's and every shard's sha256 (in file order)."""
+    files = shard_files(Path(ckpt) / name)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 def load_config(ckpt: str | os.PathLike) -> dict:

@@ -18,10 +18,12 @@ diffusers is imported lazily, so :mod:`samplers` stays importable with torch alo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from samplers.model import ModelFn
-from samplers.process import VP, Flow
+from samplers.process import VP, Flow, NoiseProcess
 
 _PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 
@@ -57,6 +59,35 @@ def _alphas_cumprod(cfg: dict, scheduler_or_config) -> torch.Tensor:
     return DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg}).alphas_cumprod.to(torch.float64)
 
 
+class SchedulerProcess(NamedTuple):
+    """What a diffusers scheduler config says about the network trained with it: the process, the
+    prediction type, and the timestep the network is called with at time t,
+    ``timestep = timestep_scale * t + timestep_shift``."""
+
+    process: NoiseProcess
+    prediction: str
+    timestep_scale: float
+    timestep_shift: float
+
+
+def scheduler_process(scheduler_or_config, prediction: str | None = None) -> SchedulerProcess:
+    """The process, prediction and timestep convention of a diffusers scheduler (or its config dict);
+    ``prediction`` overrides the config's ``prediction_type``. See the module docstring."""
+    cfg = _config(scheduler_or_config)
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    if _is_flow(cfg, scheduler_or_config):
+        # diffusers' flow timesteps are sigma * N, and sigma is our t
+        return SchedulerProcess(Flow(), prediction or "flow", float(n_train), 0.0)
+    process = VP.from_alphas_cumprod(_alphas_cumprod(cfg, scheduler_or_config))
+    pred = prediction or _PREDICTION.get(cfg.get("prediction_type", "epsilon"))
+    if pred is None:
+        raise ValueError(
+            f"unsupported prediction_type {cfg.get('prediction_type')!r}; known: {sorted(_PREDICTION)}"
+        )
+    # training index k sits at t = (k + 1) / N (DiscreteVP), so timestep = N t - 1
+    return SchedulerProcess(process, pred, float(process.num_train_timesteps), -1.0)
+
+
 def from_diffusers(model, scheduler_or_config, prediction: str | None = None) -> ModelFn:
     """A :class:`ModelFn` for a diffusers ``UNet2DModel``, ``Transformer2DModel`` or
     ``DiTTransformer2DModel`` (any module called ``model(x, timestep, class_labels=..., return_dict=False)``).
@@ -67,20 +98,10 @@ def from_diffusers(model, scheduler_or_config, prediction: str | None = None) ->
         prediction: override the config's ``prediction_type``.
     Class labels are passed as ``y=`` to :func:`samplers.sample` (mapped to ``class_labels``).
     """
-    cfg = _config(scheduler_or_config)
-    n_train = int(cfg.get("num_train_timesteps", 1000))
-    if _is_flow(cfg, scheduler_or_config):
-        process = Flow()
-        pred = prediction or "flow"
-        time_input = lambda t: t * n_train  # noqa: E731 — diffusers' flow timesteps are sigma * N
-    else:
-        process = VP.from_alphas_cumprod(_alphas_cumprod(cfg, scheduler_or_config))
-        pred = prediction or _PREDICTION.get(cfg.get("prediction_type", "epsilon"))
-        if pred is None:
-            raise ValueError(
-                f"unsupported prediction_type {cfg.get('prediction_type')!r}; known: {sorted(_PREDICTION)}"
-            )
-        time_input = process.timestep
+    process, pred, scale, shift = scheduler_process(scheduler_or_config, prediction)
+
+    def time_input(t: torch.Tensor) -> torch.Tensor:
+        return t * scale + shift
 
     def net(x: torch.Tensor, timestep: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
         dtype = next(model.parameters()).dtype

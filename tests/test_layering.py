@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("difftools.data",),
     ("difftools.losses",),
     ("difftools.training", "difftools.checkpoint"),
+    ("difftools.interop",),  # conversions from / to other code bases: above models and checkpoint
     ("difftools.metrics",),
     ("difftools.rl", "difftools.discrete", "difftools.editing"),
     ("difftools",),  # the package root: difftools.load

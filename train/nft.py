@@ -193,9 +193,10 @@ class NFTRun:
         return reward
 
     def _base_sha(self) -> str:
-        from difftools.checkpoint import EMA_FILE, MODEL_FILE, file_sha256
+        from difftools.checkpoint import EMA_FILE, MODEL_FILE, weights_sha256
 
-        return file_sha256(self.base.path / (EMA_FILE if self.cfg.base_weights == "ema" else MODEL_FILE))
+        # the file's sha256, or one over a sharded base's index and shards
+        return weights_sha256(self.base.path, EMA_FILE if self.cfg.base_weights == "ema" else MODEL_FILE)
 
     # ------------------------------------------------------------------ one iteration
     def my_indices(self) -> range:

@@ -18,10 +18,11 @@ Layers come from timm (``PatchEmbed``, ``Mlp``); attention goes through
 :func:`difftools.nn.attention.attention` so the backend (sdpa | xformers | math | auto) is a
 constructor argument. Parameter names follow facebookresearch/DiT's ``models.py`` (``x_embedder``,
 ``t_embedder.mlp``, ``y_embedder.embedding_table``, ``blocks.i.attn.qkv``, ``adaLN_modulation``,
-``final_layer``), so its checkpoints load with ``strict=False`` after dropping their ``pos_embed``
-(here a non-persistent buffer recomputed from the config with the same formula). Unlike the
-original, the time input is continuous t in [0, 1] (t = 0 data, t = 1 noise); the embedding sees
-1000 t, i.e. the original's integer timestep scale.
+``final_layer``); ``pos_embed`` is a non-persistent buffer recomputed from the config with the same
+formula. Unlike the original, the time input is continuous t in [0, 1] (t = 0 data, t = 1 noise);
+the embedding sees 1000 t, i.e. the original's integer timestep scale. :mod:`difftools.interop`
+converts facebookresearch/DiT, SiT and diffusers checkpoints exactly, through the options listed
+in :class:`DiT` (time map, frequencies, norm eps, learned-sigma channels).
 
 Speed notes (for bf16 training on H100): q, k and v come from one fused Linear; attention runs
 through SDPA's flash kernel in bf16; tokens stay in a contiguous [B, N, D] layout end to end; the
@@ -97,11 +98,19 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Continuous t in [0, 1] -> sinusoidal features of 1000 t (Transformer / DDPM style) -> 2-layer MLP.
+    """Continuous t in [0, 1] -> sinusoidal features of s = time_scale t + time_shift -> 2-layer MLP.
 
-    emb(s)_k = cos(s * f_k) for k < F/2 and sin(s * f_(k-F/2)) after, f_k = max_period^(-k/(F/2)),
-    s = 1000 t: the factor 1000 keeps the lowest frequencies distinguishable over [0, 1], as over
-    the integer timesteps 0..999 that DDPM-style models see.
+    emb(s)_k = cos(s * f_k) for k < F/2 and sin(s * f_(k-F/2)) after, with
+    f_k = max_period^(-k / (F/2 - freq_shift)). The defaults (s = 1000 t, freq_shift 0) keep the
+    lowest frequencies distinguishable over [0, 1], as over the integer timesteps 0..999 that
+    DDPM-style models see. The other settings reproduce released models exactly (docs/interop.md):
+
+    * facebookresearch/DiT embeds its integer timestep k, which sits at t = (k + 1) / 1000 in our
+      discrete VP process: s = 1000 t - 1 (``time_shift=-1``).
+    * SiT embeds its own time s in [0, 1] with data at s = 1, so s = 1 - t
+      (``time_scale=-1, time_shift=1``).
+    * diffusers' ``DiTTransformer2DModel`` divides the exponent by F/2 - 1 instead of F/2
+      (its ``Timesteps(downscale_freq_shift=1)``): ``freq_shift=1``.
     """
 
     def __init__(
@@ -110,12 +119,18 @@ class TimestepEmbedder(nn.Module):
         frequency_size: int = 256,
         max_period: float = 10000.0,
         time_scale: float = 1000.0,
+        time_shift: float = 0.0,
+        freq_shift: int = 0,
     ):
         super().__init__()
         self.frequency_size = frequency_size
         self.time_scale = time_scale
+        self.time_shift = time_shift
         half = frequency_size // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        if not 0 <= freq_shift < half:
+            raise ValueError(f"freq_shift must be in [0, {half}), got {freq_shift}")
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - freq_shift)
+        freqs = torch.exp(exponent)
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
@@ -123,7 +138,10 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # fp32 angles: bf16 has 8 mantissa bits, far too few for 1000 t * f_k
-        args = (t.float() * self.time_scale)[:, None] * self.freqs[None]
+        s = t.float() * self.time_scale
+        if self.time_shift:
+            s = s + self.time_shift
+        args = s[:, None] * self.freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
@@ -171,11 +189,12 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (see the module docstring for the equations)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "auto"):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "auto",
+                 mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, backend=attn_backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(
             hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh")
         )
@@ -208,14 +227,28 @@ class DiT(nn.Module):
     ``model(x, t, y=None, return_hidden=None)``: t [B] continuous in [0, 1]; y [B] long labels, where
     ``y=None`` or the label ``num_classes`` (= ``model.null_class``) means unconditional;
     ``num_classes=0`` builds an unconditional model (y is ignored). Returns the prediction
-    [B, C_out, H, W] (C_out = C, or 2C with ``learn_sigma``), or ``(prediction, hidden)`` where hidden
-    [B, N, D] is the token state after block ``return_hidden`` (1-based).
+    [B, C_out, H, W] (C_out = C, or 2C with ``learn_sigma`` unless ``return_sigma=False``), or
+    ``(prediction, hidden)`` where hidden [B, N, D] is the token state after block ``return_hidden``
+    (1-based).
 
     ``lowp_residual=True`` (opt-in, for throughput) keeps the token stream h between blocks in the
     dtype of the patch embedding's output, i.e. bf16 under bf16 autocast (without autocast nothing
     changes). That halves the memory traffic of every residual add and layer norm, but each of the
     2 * depth residual updates then rounds h to bf16's 8-bit mantissa (relative error ~4e-3 per add)
     instead of fp32's; the default keeps h in fp32, as the DiT reference trains it.
+
+    Options for checkpoints made elsewhere (:mod:`difftools.interop`; the defaults are this toolkit's
+    own convention and change nothing):
+
+    * ``time_scale``, ``time_shift``: the time embedding sees s = time_scale t + time_shift
+      (default 1000 t); facebookresearch/DiT is (1000, -1), SiT (-1, 1). See :class:`TimestepEmbedder`.
+    * ``time_freq_shift``: 1 for the frequencies of diffusers' ``DiTTransformer2DModel``.
+    * ``mlp_norm_eps``: eps of the layer norm before each block's MLP; diffusers'
+      ``DiTTransformer2DModel`` sets it from its ``norm_eps`` (1e-5 by default; all other norms
+      here and there use 1e-6, as facebookresearch/DiT does everywhere).
+    * ``return_sigma=False`` with ``learn_sigma=True``: keep the learned-variance channels' weights
+      (so the model exports back unchanged) but return only the first C channels, the prediction a
+      sampler uses (SiT's forward does the same).
     """
 
     def __init__(
@@ -233,6 +266,11 @@ class DiT(nn.Module):
         attn_backend: str = "auto",
         grad_checkpointing: bool = False,
         lowp_residual: bool = False,
+        time_scale: float = 1000.0,
+        time_shift: float = 0.0,
+        time_freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
+        return_sigma: bool = True,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -253,10 +291,18 @@ class DiT(nn.Module):
             attn_backend=attn_backend,
             grad_checkpointing=grad_checkpointing,
             lowp_residual=lowp_residual,
+            time_scale=time_scale,
+            time_shift=time_shift,
+            time_freq_shift=time_freq_shift,
+            mlp_norm_eps=mlp_norm_eps,
+            return_sigma=return_sigma,
         )
         self.input_size = input_size
         self.in_channels = in_channels
+        self.learn_sigma = learn_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        # channels forward() returns: all of them, or the prediction alone (return_sigma=False)
+        self.returned_channels = self.out_channels if return_sigma else in_channels
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.depth = depth
@@ -270,7 +316,9 @@ class DiT(nn.Module):
         self.num_tokens = self.grid_size**2
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(
+            hidden_size, time_scale=time_scale, time_shift=time_shift, freq_shift=time_freq_shift
+        )
         self.y_embedder = (
             LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         )
@@ -279,7 +327,7 @@ class DiT(nn.Module):
             "pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False
         )
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, mlp_norm_eps) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -384,6 +432,8 @@ class DiT(nn.Module):
             if i == return_hidden:
                 hidden = h
         out = self.unpatchify(self.final_layer(h, c))
+        if self.returned_channels != self.out_channels:
+            out = out[:, : self.returned_channels]
         return out if return_hidden is None else (out, hidden)
 
 
