@@ -151,13 +151,22 @@ def test_without_ema_the_ema_file_holds_the_model(tmp_path):
     assert torch.equal(model["lin.weight"], objective.model.lin.weight.detach())
 
 
-def test_resume_refuses_another_optimizer_or_accumulation(tmp_path):
+def test_resume_refuses_another_optimizer_accumulation_or_objective(tmp_path):
     Trainer(_Toy(), _config(max_steps=3), tmp_path / "run").train()
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
     with pytest.raises(CheckpointError, match=r"optimizer 'adamw', this run uses 'sgd'.*trainer\.optimizer"):
         Trainer(_Toy(), _config(optimizer="sgd", resume=str(ckpt)), tmp_path / "x").train()
     with pytest.raises(CheckpointError, match=r"grad accum 1, this run uses 2.*trainer\.grad_accum"):
         Trainer(_Toy(), _config(grad_accum=2, resume=str(ckpt)), tmp_path / "y").train()
+
+    class Wider(_Toy):  # one more trained parameter than the checkpoint's objective had
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(()))
+
+    with pytest.raises(CheckpointError, match=r"objective\.safetensors does not match this objective: "
+                                              r"missing \['bias'\]"):
+        Trainer(Wider(), _config(resume=str(ckpt)), tmp_path / "z").train()
 
 
 class _Regression(Objective):
