@@ -17,7 +17,7 @@ from difftools import checkpoint as ckpt_io
 from difftools.checkpoint import CheckpointError
 from difftools.models.dit import DiT
 from difftools.process import VP, Flow
-from difftools.training import Trainer, TrainerConfig
+from difftools.training import DenoisingObjective, Trainer, TrainerConfig
 
 
 def _outputs(model):
@@ -96,8 +96,10 @@ def _crash_trainer(out, **kw):
     cfg = TrainerConfig(batch_size=32, max_steps=8, lr=1e-3, warmup_steps=2, log_every=4, ckpt_every=4,
                         keep_last=0, sample_every=0, progress=False, tensorboard=False, ema_decay=0.9,
                         device="cpu", **kw)
-    return _CrashBeforeRename(tiny_dit(), DenoisingLoss(process, "flow"), small_digits(), cfg, out,
-                              process=process, prediction="flow")
+    dataset = small_digits()
+    objective = DenoisingObjective(tiny_dit(), DenoisingLoss(process, "flow"), process, "flow",
+                                   dataset_info=dataset.info)
+    return _CrashBeforeRename(objective, cfg, out, dataset=dataset)
 
 
 def test_interrupted_checkpoint_write_leaves_previous_loadable(tmp_path):
@@ -457,8 +459,9 @@ def test_resume_refuses_corrupt_weights_and_loss_state(tmp_path):
     trainer(tmp_path / "run").train()
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
     node = ckpt_io.load_config(ckpt)["checkpoint"]
-    assert node["weights_sha256"]["state/loss.safetensors"] == _sha(ckpt / "state" / "loss.safetensors")
-    for name in ("state/loss.safetensors", "model.safetensors", "ema.safetensors"):
+    state_file = "state/objective.safetensors"
+    assert node["weights_sha256"][state_file] == _sha(ckpt / state_file)
+    for name in ("state/objective.safetensors", "model.safetensors", "ema.safetensors"):
         bad = _copy(ckpt, tmp_path / name.replace("/", "_") / "step_0000002")
         _overwrite_tensor_bytes(bad / name, 0)
         with pytest.raises(CheckpointError, match=rf"step_0000002/{re.escape(name)}: its sha256 is"):

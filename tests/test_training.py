@@ -21,9 +21,9 @@ from difftools.data.base import ArrayDataset
 from difftools.losses import DenoisingLoss, build_loss
 from difftools.models.dit import DiT
 from difftools.process import EDM, VP, Flow
-from difftools.training import EMA, NonFiniteLossError, Trainer, TrainerConfig
+from difftools.training import EMA, DenoisingObjective, NonFiniteLossError, Trainer, TrainerConfig
+from difftools.training.optim import lr_lambda
 from difftools.training.state import BatchPlan
-from difftools.training.trainer import _lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +63,9 @@ def make_trainer(out, dataset=None, loss=None, model=None, **kw) -> Trainer:
     model = model if model is not None else tiny_dit()
     loss = loss if loss is not None else DenoisingLoss(process, "flow", "logit_normal")
     dataset = dataset if dataset is not None else small_digits()
-    return Trainer(model, loss, dataset, TrainerConfig(**opts), out,
-                   process=process, prediction="flow", run_config={"note": "test"})
+    cfg = TrainerConfig(**opts)
+    objective = DenoisingObjective(model, loss, process, "flow", dataset_info=dataset.info)
+    return Trainer(objective, cfg, out, dataset=dataset, run_config={"note": "test"})
 
 
 # ---------------------------------------------------------------------------------- loss
@@ -184,7 +185,7 @@ def test_ema_copies_integer_buffers_and_averages_float_buffers():
 
 def test_lr_warmup_and_cosine():
     cfg = TrainerConfig(lr=1.0, warmup_steps=4, max_steps=14, lr_decay="cosine", min_lr_ratio=0.1)
-    f = _lr_lambda(cfg)
+    f = lr_lambda(cfg)
     assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
 
@@ -277,7 +278,7 @@ def test_checkpoint_layout_load_and_sample_grid(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x, t, y), tr.ema_model()(x, t, y), rtol=0, atol=0)
         raw = difftools.load(ckpt, use_ema=False).model
-        torch.testing.assert_close(raw(x, t, y), tr.raw_model.eval()(x, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(raw(x, t, y), tr.model.eval()(x, t, y), rtol=0, atol=0)
     from PIL import Image
 
     img = Image.open(result.grid)
@@ -291,7 +292,8 @@ def test_loss_module_parameters_are_trained_and_saved_but_not_exported(tmp_path)
     assert before and all(k.startswith("projector.") for k in before)
     make_trainer(tmp_path, model=model, loss=loss, max_steps=4).train()
     ckpt = tmp_path / "checkpoints" / "step_0000004"
-    saved = ckpt_io.load_weights(ckpt / "state" / "loss.safetensors")
+    saved = ckpt_io.load_weights(ckpt / "state" / "objective.safetensors")
+    saved = {k.removeprefix("loss_fn."): v for k, v in saved.items()}  # the loss is objective.loss_fn
     assert set(saved) == set(before)
     assert any(not torch.equal(saved[k], before[k]) for k in before), "projector was not trained"
     for f in ("model.safetensors", "ema.safetensors"):

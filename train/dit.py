@@ -53,7 +53,8 @@ def check_config(cfg: DictConfig):
 
 
 def build_run(cfg: DictConfig):
-    """Dataset, autoencoder, model, process and loss from the config (no training yet)."""
+    """Dataset, autoencoder, model, process and loss from the config (no training yet; the
+    objective that trains them is :func:`build_objective`'s)."""
     from difftools.losses import build_loss
     from difftools.models.autoencoders import build_autoencoder
     from difftools.models.precond import apply_precond
@@ -95,6 +96,17 @@ def evaluate(checkpoint, cfg_eval: DictConfig):
     return metrics
 
 
+def build_objective(cfg: DictConfig):
+    """The dataset and the DiT recipe's :class:`DenoisingObjective` from the config (its sample
+    grids follow the ``trainer.sample_*`` options)."""
+    from difftools.training import DenoisingObjective
+
+    dataset, autoencoder, model, process, loss_fn = build_run(cfg)
+    objective = DenoisingObjective(model, loss_fn, process, cfg.loss.prediction, autoencoder=autoencoder,
+                                   dataset_info=dataset.info)
+    return dataset, objective
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="dit")
 def main(cfg: DictConfig) -> float:
     from accelerate.utils import broadcast_object_list
@@ -111,10 +123,9 @@ def main(cfg: DictConfig) -> float:
     accelerator = make_accelerator(tcfg)
     # every rank must write to rank 0's run directory (Hydra's timestamp may differ by a second)
     out_dir = broadcast_object_list([HydraConfig.get().runtime.output_dir])[0]
-    dataset, autoencoder, model, process, loss_fn = build_run(cfg)
-    trainer = Trainer(model, loss_fn, dataset, tcfg, out_dir, process=process, prediction=cfg.loss.prediction,
-                      autoencoder=autoencoder, run_config=OmegaConf.to_container(cfg, resolve=True),
-                      accelerator=accelerator)
+    dataset, objective = build_objective(cfg)
+    trainer = Trainer(objective, tcfg, out_dir, dataset=dataset,
+                      run_config=OmegaConf.to_container(cfg, resolve=True), accelerator=accelerator)
     result = trainer.train()
     if trainer.is_main:
         log.info("done: step %d, final loss %.5f, %.1f s; checkpoint %s; samples %s", result.step,

@@ -1,10 +1,14 @@
-"""Training loop on accelerate: :class:`Trainer`, its :class:`TrainerConfig`, :class:`EMA`; the
-divergence stop (:mod:`.health`, :mod:`.vetting`) and the run-directory lock (:mod:`.lock`)."""
+"""The training engine: :class:`Trainer` runs any :class:`Objective` (one recipe: what a step
+computes from a batch) with the options of :class:`TrainerConfig`; :class:`DenoisingObjective` is
+the DiT recipe. Also :class:`EMA`, the divergence stop (:mod:`.health`, :mod:`.vetting`) and the
+run-directory lock (:mod:`.lock`)."""
 
+from difftools.training.denoising import DenoisingObjective, SampleGrid
 from difftools.training.ema import EMA
 from difftools.training.health import DivergedError, NonFiniteLossError
 from difftools.training.lock import RunDirLock, RunDirLockedError
-from difftools.training.trainer import Trainer, TrainerConfig, TrainModule, TrainResult
+from difftools.training.objective import Objective, RunInfo
+from difftools.training.trainer import Trainer, TrainerConfig, TrainResult
 
-__all__ = ["EMA", "DivergedError", "NonFiniteLossError", "RunDirLock", "RunDirLockedError", "Trainer",
-           "TrainerConfig", "TrainModule", "TrainResult"]
+__all__ = ["EMA", "DenoisingObjective", "DivergedError", "NonFiniteLossError", "Objective", "RunDirLock",
+           "RunDirLockedError", "RunInfo", "SampleGrid", "Trainer", "TrainerConfig", "TrainResult"]

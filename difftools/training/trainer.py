@@ -1,19 +1,34 @@
-"""Trainer on accelerate: one loop for CPU, one GPU and many GPUs (DDP via ``accelerate launch``).
+"""The training engine: one loop for every recipe, on CPU, one GPU and many GPUs (DDP via
+``accelerate launch``).
 
-Per step: x (pixels or cached latents) -> frozen autoencoder encode -> ``loss_fn(model, x0, y,
-generator)`` under bf16 autocast on CUDA (fp32 on CPU) -> backward -> grad-norm clip -> AdamW with
-linear warmup -> EMA update. A step whose gradient norm is NaN/inf is skipped on the device (fused
-AdamW's ``found_inf``). Every ``log_every`` steps, and before every checkpoint or sample grid, the
-per-step losses, gradient norms and the weights are checked (:mod:`difftools.training.health`; one
-host sync per check, none per step) and logged to tqdm, ``metrics.jsonl`` and TensorBoard with
-throughput and MFU. A run that diverged stops with :class:`DivergedError` and points ``latest`` at
-the newest *vetted* checkpoint (:mod:`difftools.training.vetting`), so a checkpoint with NaN/inf
-weights is never written and ``trainer.resume=auto`` continues from weights that train. One run per
-run directory (:mod:`difftools.training.lock`).
+A recipe is an :class:`~difftools.training.objective.Objective` (what a step computes from a
+batch); everything else is here. Per optimizer step: ``grad_accum`` micro-batches, each
+``loss, logs = objective(batch, generator)`` under bf16 autocast on CUDA (fp32 on CPU) and a
+backward of ``loss / grad_accum`` (DDP all-reduces on the last one only) -> global grad-norm clip
+-> optimizer (:mod:`.optim`: AdamW or SGD, warmup then constant / cosine / linear decay) -> EMA
+update of ``objective.model`` -> ``objective.after_step``. A step whose gradient norm is NaN/inf
+is skipped on the device (a fused optimizer's ``found_inf``). Every ``log_every`` steps, and before
+every checkpoint, preview or evaluation, the per-step losses, gradient norms and the weights are
+checked (:mod:`.health`; one host sync per check, none per step) and logged to tqdm,
+``metrics.jsonl`` and TensorBoard (:mod:`.metrics_log`) with throughput and MFU. A run that
+diverged stops with :class:`DivergedError` and points ``latest`` at the newest *vetted*
+checkpoint (:mod:`.vetting`), so a checkpoint with NaN/inf weights is never written and
+``trainer.resume=auto`` continues from weights that train. One run per run directory (:mod:`.lock`).
 
-Checkpoints follow :mod:`difftools.checkpoint` plus ``state/`` (optimizer, scheduler, RNG per rank,
-step, data position, EMA count, loss-module parameters). Resuming restores all of it, so on CPU a
-resumed run reproduces the uninterrupted run's losses bit for bit.
+Checkpoint layout (the same for every recipe; :mod:`difftools.checkpoint` reads the first three)::
+
+    step_XXXXXXX/model.safetensors        objective.model
+                 ema.safetensors          its EMA (= the model's weights when ema_decay = 0)
+                 config.yaml              run config + ``checkpoint`` node (objective.checkpoint_meta,
+                                          the sha256 of every .safetensors file)
+                 state/optimizer.pt, scheduler.pt
+                 state/trainer.json       step, data position, EMA count, batch, world size, options
+                 state/objective.safetensors   trained submodules besides the model + extra state
+                 state/rng_<rank>.pt      python / numpy / torch / CUDA RNG and the noise generator
+
+Resuming restores all of it, so on CPU a resumed run reproduces the uninterrupted run's losses
+bit for bit. The state files of the loops that existed before this engine are not read (except a
+former DiT checkpoint without an alignment projector, whose files are the same).
 """
 
 from __future__ import annotations
@@ -33,8 +48,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from difftools import checkpoint as ckpt_io
+from difftools.config import from_mapping
 from difftools.training.ema import EMA
-from difftools.training.grid import sample_images, save_grid
 from difftools.training.health import (
     DivergedError,
     HealthMonitor,
@@ -44,26 +59,47 @@ from difftools.training.health import (
     skip_flag,
 )
 from difftools.training.lock import RunDirLockedError, hold_run_dir
+from difftools.training.metrics_log import MetricsLog
+from difftools.training.objective import (
+    Objective,
+    RunInfo,
+    check_model_not_shared,
+    frozen_parameter_names,
+    load_trained_state,
+    trained_state,
+)
+from difftools.training.optim import apply_config, build_optimizer, lr_lambda
 from difftools.training.state import BatchPlan, ResumableBatchSampler, capture_rng, restore_rng
 from difftools.training.vetting import CheckpointVetting
+from samplers.sampling import SOLVERS
 
 log = logging.getLogger("difftools.train")
+
+OBJECTIVE_STATE = "objective.safetensors"
 
 
 @dataclass
 class TrainerConfig:
     """Options of :class:`Trainer` (the ``trainer`` config node). Every field is documented here."""
 
-    batch_size: int = 64            #: GLOBAL batch over all devices; per-device = batch_size / world size
+    batch_size: int = 64            #: GLOBAL batch of one forward pass over all devices; per device:
+    #:                                 batch_size / world size; an optimizer step sees batch_size x grad_accum
+    grad_accum: int = 1             #: micro-batches (forward + backward) per optimizer step
     max_steps: int = 1000           #: optimizer steps of the whole run (a resumed run continues to it)
-    lr: float = 1e-4                #: peak AdamW learning rate
+    time_limit: float | None = None  #: seconds of training after which the run stops cleanly with a
+    #:                                 checkpoint (checked every step; with several processes at log steps)
+    optimizer: str = "adamw"        #: adamw | sgd
+    lr: float = 1e-4                #: peak learning rate
     warmup_steps: int = 100         #: linear warmup from lr/warmup to lr
-    lr_decay: str = "constant"      #: after warmup: "constant" or "cosine" (down to lr * min_lr_ratio)
+    lr_decay: str = "constant"      #: after warmup: constant | cosine (to lr * min_lr_ratio) | linear (to 0)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    no_decay_1d: bool = False       #: no weight decay on 1-D parameters (biases, norm scales)
+    betas: tuple[float, float] = (0.9, 0.999)  #: adamw
+    momentum: float = 0.9           #: sgd
+    nesterov: bool = False          #: sgd
     grad_clip: float = 1.0          #: max global grad norm (0 = off)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999       #: 0 = no EMA (ema.safetensors then holds the model's weights)
     ema_warmup: bool = True         #: decay_n = min(ema_decay, (1 + n) / (10 + n))
     mixed_precision: str = "auto"   #: auto (bf16 on CUDA, fp32 on CPU) | bf16 | no
     device: str = "auto"            #: auto (CUDA when present) | cpu
@@ -76,8 +112,10 @@ class TrainerConfig:
     divergence_window: int = 200    #: steps in that running median (the check starts once it is full)
     ckpt_every: int = 500           #: 0 = only the final checkpoint
     keep_last: int = 3              #: step checkpoints kept (0 = all)
-    sample_every: int = 500         #: sample-grid PNG interval (0 = only at the end)
-    sample_num: int = 100
+    eval_every: int = 0             #: objective.evaluate interval (0 = off); when > 0 also at the end
+    eval_at: list[int] = field(default_factory=list)  #: further steps to evaluate at
+    sample_every: int = 500         #: objective.preview interval (0 = only at the end)
+    sample_num: int = 100           #: sample_*: the DiT recipe's preview grids (SampleGrid.from_config)
     sample_solver: str = "ddim"
     sample_steps: int = 50
     sample_cfg_scale: float = 1.0   #: classifier-free guidance scale of the grids (1 = off)
@@ -95,11 +133,9 @@ class TrainerConfig:
         """From the ``trainer`` config node, every value checked against its field's type (and the
         fixed choices below): a wrong one is a ``difftools.config.ConfigError`` naming key, value
         and expected type, raised before anything is built."""
-        from difftools.config import from_mapping
-        from samplers.sampling import SOLVERS
-
-        choices = {"lr_decay": ("constant", "cosine"), "mixed_precision": ("auto", "bf16", "no"),
-                   "device": ("auto", "cpu"), "sample_solver": tuple(SOLVERS)}
+        choices = {"lr_decay": ("constant", "cosine", "linear"), "optimizer": ("adamw", "sgd"),
+                   "mixed_precision": ("auto", "bf16", "no"), "device": ("auto", "cpu"),
+                   "sample_solver": tuple(SOLVERS)}
         return from_mapping(cls, d, node="trainer", choices=choices)
 
 
@@ -109,24 +145,10 @@ class TrainResult:
     final_loss: float                 #: mean loss over the last log window
     losses: list[float] = field(default_factory=list)  #: per-step losses of this process' run
     checkpoint: Path | None = None
-    grid: Path | None = None
+    grid: Path | None = None          #: the last preview written
+    evaluations: list[dict] = field(default_factory=list)  #: {"step": k, **objective.evaluate(...)}
+    stopped_by: str = "max_steps"     #: max_steps | time_limit
     seconds: float = 0.0
-
-
-class TrainModule(nn.Module):
-    """model + loss as one module, so DDP syncs the loss's own parameters (e.g. a projector) too
-    and every step is one forward call."""
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module):
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
-        shared = {id(p) for p in model.parameters()} & {id(p) for p in loss_fn.parameters()}
-        if shared:
-            raise ValueError("the loss module holds the model's parameters; pass the model at call time "
-                             "instead of storing it in the loss")
-
-    def forward(self, x0, y, generator=None):
-        return self.loss_fn(self.model, x0, y, generator=generator)
 
 
 def make_accelerator(cfg: TrainerConfig):
@@ -142,143 +164,130 @@ def make_accelerator(cfg: TrainerConfig):
     return Accelerator(mixed_precision=mp, cpu=cpu)
 
 
-def _lr_lambda(cfg: TrainerConfig):
-    def fn(step: int) -> float:
-        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_decay == "cosine":
-            span = max(1, cfg.max_steps - cfg.warmup_steps)
-            progress = min(1.0, (step - cfg.warmup_steps) / span)
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    if cfg.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"trainer.lr_decay must be 'constant' or 'cosine', got {cfg.lr_decay!r}")
-    return fn
+def _to_device(batch, device: torch.device):
+    """Tensors in (nested) tuples, lists and dicts moved to ``device``; anything else unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 class Trainer:
-    """Train ``model`` with ``loss_fn`` on ``dataset`` (items ``(x, label)``), writing to ``out_dir``.
+    """Train ``objective`` as configured, writing to ``out_dir``.
 
     Args:
-        model: the network (its weights are exported and EMA-averaged).
-        loss_fn: ``loss_fn(model, x0, y, generator) -> (loss, logs)``; its parameters are trained
-            and saved in ``state/loss.safetensors`` only.
-        dataset: torch Dataset with ``.info`` (DatasetInfo); items of a dataset whose info name starts
-            with ``latents`` are cached latents and are not encoded again. With
-            ``dataset.random_flip`` the sampler hands out ``(index, flip)`` keys (resumable flips).
+        objective: the recipe (:class:`~difftools.training.objective.Objective`); its trainable
+            parameters are every parameter with ``requires_grad`` outside frozen helpers.
         config: :class:`TrainerConfig`.
-        out_dir: run directory (``checkpoints/``, ``samples/``, ``tb/``, ``metrics.jsonl``).
-        process, prediction, autoencoder: recorded in checkpoints; used for sample grids.
+        out_dir: run directory (``checkpoints/``, ``samples/``, ``tb/``, ``metrics.jsonl``,
+            ``run.lock``). None: an in-memory run that writes nothing (no checkpoints, previews,
+            metrics or lock; ``resume`` must be unset).
+        dataset: torch Dataset of the engine's data loader (items as the objective's ``forward``
+            expects them; with ``dataset.random_flip`` the sampler hands out ``(index, flip)`` keys),
+            used unless ``objective.batches`` supplies the data.
         run_config: the resolved run config (plain dict) written to each ``config.yaml``.
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
+
+    Example::
+
+        objective = DenoisingObjective(model, DenoisingLoss(Flow(), "flow"), Flow(), "flow",
+                                       dataset_info=dataset.info)
+        result = Trainer(objective, TrainerConfig(max_steps=1000), "runs/x", dataset=dataset).train()
+        result.losses, result.checkpoint      # per-step losses, runs/x/checkpoints/step_0001000
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, dataset: Dataset, config: TrainerConfig,
-                 out_dir: str | os.PathLike, *, process, prediction: str, autoencoder=None,
-                 run_config: dict | None = None, accelerator=None):
+    def __init__(self, objective: Objective, config: TrainerConfig, out_dir: str | os.PathLike | None = None,
+                 *, dataset: Dataset | None = None, run_config: dict | None = None, accelerator=None):
+        if not isinstance(objective, Objective):
+            raise TypeError(f"Trainer needs a difftools.training.Objective, got {type(objective).__name__}")
+        if config.grad_accum < 1:
+            raise ValueError(f"trainer.grad_accum must be >= 1, got {config.grad_accum}")
+        if out_dir is None and config.resume:
+            raise ValueError("trainer.resume needs a run directory (out_dir); this run writes nothing")
         self.cfg = config
-        self.out_dir = Path(out_dir)
+        self.objective, self.dataset = objective, dataset
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.acc = accelerator or make_accelerator(config)
         self.device = self.acc.device
         if self.device.type == "cuda" and config.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.raw_model, self.loss_fn, self.dataset = model, loss_fn, dataset
-        self.process, self.prediction = process, prediction
-        self.autoencoder = autoencoder.to(self.device) if autoencoder is not None else None
         self.run_config = dict(run_config or {})
-        info = getattr(dataset, "info", None)
-        self.dataset_info = ckpt_io._plain(info) if info is not None else None
-        # cached latents (data=latents) are already encoded
-        self.encode_inputs = not str(getattr(info, "name", "")).startswith("latents")
-        self.plan = BatchPlan(len(dataset), config.batch_size, self.acc.process_index, self.acc.num_processes,
-                              config.seed, flip=bool(getattr(dataset, "random_flip", False)))
+        self.plan = None
+        if dataset is not None:
+            self.plan = BatchPlan(len(dataset), config.batch_size, self.acc.process_index,
+                                  self.acc.num_processes, config.seed,
+                                  flip=bool(getattr(dataset, "random_flip", False)))
+        elif config.batch_size % self.acc.num_processes:
+            raise ValueError(f"global batch {config.batch_size} is not divisible by the world size "
+                             f"{self.acc.num_processes}")
         self.step = 0
         self.losses: list[float] = []
-        self.ckpt_root = self.out_dir / "checkpoints"
+        self.ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
         self.last_checkpoint: Path | None = None
-        self._writer = None
+        self.metrics = MetricsLog(self.out_dir, config.tensorboard, enabled=self.is_main)
         self._ema_model = None
+        self._uses_loader = False
 
-    # ------------------------------------------------------------------ setup
+    @property
+    def model(self) -> nn.Module:
+        """The trained network (``objective.model``, not wrapped)."""
+        return self.objective.model
+
     @property
     def is_main(self) -> bool:
         return self.acc.is_main_process
 
+    # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.cfg
         if self.device.type == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         torch.manual_seed(cfg.seed + self.acc.process_index)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(
+        self.generator = torch.Generator(device=self.device).manual_seed(
             10_007 * (cfg.seed + 1) + self.acc.process_index)
+        check_model_not_shared(self.objective)
         if cfg.compile:
-            self.raw_model.compile()
-        self.raw_model.to(self.device)
-        self.loss_fn.to(self.device)
-        module = TrainModule(self.raw_model, self.loss_fn)
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        opt = self._make_optimizer()
-        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-        self.module, self.opt = self.acc.prepare(module, opt)
-        self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup)
+            self.model.compile()
+        self.objective.to(self.device)
+        frozen = frozen_parameter_names(self.objective)
+        if frozen and self.acc.num_processes > 1:  # frozen helpers: no gradient or buffer sync
+            from torch.nn.parallel import DistributedDataParallel
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
+        named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        opt, self._can_skip = build_optimizer(named, cfg, self.device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        self.module, self.opt = self.acc.prepare(self.objective, opt)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.health = HealthMonitor(cfg.nonfinite_patience, cfg.divergence_factor, cfg.divergence_window)
-        self.vetting = CheckpointVetting(self.ckpt_root, writer=self.is_main)
+        self.vetting = (CheckpointVetting(self.ckpt_root, writer=self.is_main)
+                        if self.ckpt_root is not None else None)
+        self.run_info = RunInfo(self.acc, cfg, self.generator, self.dataset, self.out_dir)
         resume = self._resume_path()
         if resume is not None:
             self._load(resume)
-            self._apply_config_hyperparameters(resume)
-        elif self.autoencoder is not None and self.encode_inputs and self.autoencoder.scale is None:
-            self._fit_autoencoder_scale()
-        self.vetting.start(self.step, resume)
+            changed = apply_config(self.opt, self.sched, cfg)
+            if changed and self.is_main:
+                log.info("resumed from %s with %s (checkpoint: %s)", resume, changed[1], changed[0])
+        self.objective.on_start(self.run_info, resume)
+        if self.vetting is not None:
+            self.vetting.start(self.step, resume)
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            n_params = sum(p.numel() for p in self.raw_model.parameters())
-            log.info("model %.2fM params, loss-module %d params; global batch %d = %d devices x %d; "
-                     "mixed precision %s; device %s", n_params / 1e6,
-                     sum(p.numel() for p in self.loss_fn.parameters()), cfg.batch_size,
-                     self.acc.num_processes, self.plan.per_device, self.acc.mixed_precision, self.device)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW, fused where torch has a fused kernel for the device: only the fused kernel can skip
-        a step on the device (``found_inf``) without a host sync."""
-        cfg = self.cfg
-        kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self._can_skip = False
-        if self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.params):
-            try:
-                opt = torch.optim.AdamW(self.params, fused=True, **kw)
-                self._can_skip = True
-                return opt
-            except (RuntimeError, ValueError) as err:
-                log.warning("fused AdamW unavailable (%s): steps with a NaN/inf gradient norm are applied, "
-                            "not skipped", err)
-        return torch.optim.AdamW(self.params, **kw)
-
-    def _apply_config_hyperparameters(self, path: Path) -> None:
-        """Use this run's lr, betas and weight decay after a resume (the optimizer and scheduler state
-        carry the old run's), e.g. to continue a diverged run with a lower ``trainer.lr``."""
-        cfg = self.cfg
-        groups = self.opt.param_groups
-        old = (self.sched.base_lrs[0], tuple(groups[0]["betas"]), groups[0]["weight_decay"])
-        new = (cfg.lr, tuple(cfg.betas), cfg.weight_decay)
-        if old == new:
-            return
-        if self.is_main:
-            log.info("resumed from %s with lr %g, betas %s, weight decay %g (checkpoint: %g, %s, %g)",
-                     path, *new, *old)
-        self.sched.base_lrs = [cfg.lr] * len(groups)
-        for group, fn in zip(groups, self.sched.lr_lambdas, strict=True):
-            group["initial_lr"] = cfg.lr
-            group["lr"] = cfg.lr * fn(self.sched.last_epoch)  # as LambdaLR computes it
-            group["betas"], group["weight_decay"] = tuple(cfg.betas), cfg.weight_decay
-        self.sched._last_lr = [group["lr"] for group in groups]
-
-    def _fit_autoencoder_scale(self) -> None:
-        """Latent scale from the same first images on every rank (else ranks would disagree)."""
-        n = min(len(self.dataset), 256)
-        x = torch.stack([self.dataset[i][0] for i in range(n)]).to(self.device)
-        self.autoencoder.fit_scale(x)
+            if self.out_dir is not None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            n_model = sum(p.numel() for p in self.model.parameters())
+            n_other = sum(p.numel() for p in self.params) - sum(
+                p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("model %.2fM params, other trained %d params (%s); global batch %d = %d devices x %d%s; "
+                     "mixed precision %s; device %s", n_model / 1e6, n_other, type(self.objective).__name__,
+                     cfg.batch_size, self.acc.num_processes, cfg.batch_size // self.acc.num_processes,
+                     f", {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else "",
+                     self.acc.mixed_precision, self.device)
 
     def _resume_path(self) -> Path | None:
         r = self.cfg.resume
@@ -302,25 +311,40 @@ class Trainer:
                      self.ckpt_root / ckpt_io.LATEST_FILE)
         return latest
 
-    def _loader(self, start: int) -> DataLoader:
+    def _batches(self):
+        """Infinite iterator of this process's batches, from batch ``step * grad_accum`` on."""
+        start = self.step * self.cfg.grad_accum
+        own = self.objective.batches(start, self.run_info)
+        if own is not None:
+            return iter(own)
+        if self.dataset is None:
+            raise ValueError(f"{type(self.objective).__name__} supplies no batches (Objective.batches "
+                             "returned None) and the Trainer got no dataset")
+        self._uses_loader = True
         workers = self.cfg.num_workers
         if workers < 0:
             cores = (os.cpu_count() or 1) // self.acc.num_processes
             workers = 0 if self.device.type != "cuda" else min(8, cores)
-        return DataLoader(self.dataset, batch_sampler=ResumableBatchSampler(self.plan, start),
-                          num_workers=workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=workers > 0,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+        return iter(DataLoader(self.dataset, batch_sampler=ResumableBatchSampler(self.plan, start),
+                               num_workers=workers, pin_memory=self.device.type == "cuda",
+                               persistent_workers=workers > 0,
+                               generator=torch.Generator().manual_seed(self.cfg.seed)))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
-        """Run to ``max_steps`` holding the run directory's lock (refuses a second writer)."""
+        """Run to ``max_steps`` (or ``time_limit``) holding the run directory's lock (refuses a
+        second writer)."""
         with self._run_dir_lock():
-            return self._train()
+            try:
+                return self._train()
+            finally:
+                self.metrics.close()
 
     def _run_dir_lock(self):
         """:func:`hold_run_dir` on the main process; the other ranks learn whether it refused."""
         stack = contextlib.ExitStack()
+        if self.out_dir is None:
+            return stack
         refusal = None
         if self.is_main:
             try:
@@ -340,7 +364,7 @@ class Trainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         self._setup()
-        batches = iter(self._loader(self.step))
+        batches = self._batches()
         pbar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -349,20 +373,15 @@ class Trainer:
         window: list[torch.Tensor] = []
         window_logs: dict[str, list[torch.Tensor]] = {}
         grad_norms: list[torch.Tensor] = []
-        last_loss, grid = float("nan"), None
+        last_loss, grid, evaluations, stopped_by = float("nan"), None, [], "max_steps"
         timer = [time.perf_counter(), 0]
+        t_loop = time.perf_counter()
         # the grad norm is needed for the NaN/inf check even without clipping (max_norm=inf scales by 1)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         skip_optimizer = self._can_skip and getattr(self.acc, "scaler", None) is None
+        self.objective.train()
         while self.step < cfg.max_steps:
-            x, y = next(batches)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.autoencoder is not None and self.encode_inputs:
-                x = self.autoencoder.encode(x)
-            self.module.train()
-            with self.acc.autocast():
-                loss, logs = self.module(x, y, generator=self.noise_gen)
-            self.acc.backward(loss)
+            loss, logs = self._forward_backward(batches)
             grad_norm = self.acc.clip_grad_norm_(self.params, max_norm).detach()
             grad_norms.append(grad_norm)
             if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
@@ -370,40 +389,92 @@ class Trainer:
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-            self.ema.update(self.raw_model)
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.step += 1
+            logs.update(self.objective.after_step(self.step))
             timer[1] += 1
-            window.append(loss.detach().float())
+            window.append(loss)
             for k, v in logs.items():
                 window_logs.setdefault(k, []).append(torch.as_tensor(v).detach().float())
             if pbar is not None:
                 pbar.update(1)
-            is_last = self.step >= cfg.max_steps
-            want_ckpt = is_last or (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0)
-            want_grid = is_last or (cfg.sample_every > 0 and self.step % cfg.sample_every == 0)
-            if want_ckpt or want_grid or self.step % cfg.log_every == 0:
+            log_step = self.step % cfg.log_every == 0
+            if self._time_is_up(t_loop, log_step):
+                stopped_by = "time_limit"
+            is_last = self.step >= cfg.max_steps or stopped_by == "time_limit"
+            want_ckpt = self.out_dir is not None and (
+                is_last or (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0))
+            want_grid = self.out_dir is not None and (
+                is_last or (cfg.sample_every > 0 and self.step % cfg.sample_every == 0))
+            want_eval = ((cfg.eval_every > 0 and (is_last or self.step % cfg.eval_every == 0))
+                         or self.step in cfg.eval_at)
+            if want_ckpt or want_grid or want_eval or log_step:
                 # the check before a checkpoint: nothing with NaN/inf weights reaches disk
                 last_loss = self._flush(window, window_logs, grad_norms, timer, pbar)
                 window, window_logs, grad_norms = [], {}, []
             if want_ckpt:
-                self.vetting.saved(self.step, self.save())
+                saved = self.save()
+                self.vetting.saved(self.step, saved)
             if want_grid:
-                grid = self.sample_grid()
-            if want_ckpt or want_grid:
+                grid = self.preview() or grid
+            if want_eval:
+                evaluations.append(self.evaluate())
+            if want_ckpt or want_grid or want_eval:
+                self.objective.train()  # callbacks may have switched modes
                 timer[:] = [time.perf_counter(), 0]  # keep checkpoint/sampling time out of img/s
+            if stopped_by == "time_limit":
+                if self.is_main:
+                    log.info("trainer.time_limit=%gs reached at step %d: stopped", cfg.time_limit, self.step)
+                break
         if pbar is not None:
             pbar.close()
-        if self._writer is not None:
-            self._writer.close()
         self.acc.wait_for_everyone()
         return TrainResult(step=self.step, final_loss=last_loss, losses=list(self.losses),
-                           checkpoint=self.last_checkpoint, grid=grid, seconds=time.perf_counter() - t_start)
+                           checkpoint=self.last_checkpoint, grid=grid, evaluations=evaluations,
+                           stopped_by=stopped_by, seconds=time.perf_counter() - t_start)
+
+    def _forward_backward(self, batches) -> tuple[torch.Tensor, dict]:
+        """``grad_accum`` micro-batches: forward, backward of loss / grad_accum; returns the step's
+        mean loss and logs (detached, on the device)."""
+        accum = self.cfg.grad_accum
+        losses, logs = [], {}
+        for i in range(accum):
+            batch = _to_device(next(batches), self.device)
+            last = i == accum - 1
+            # DDP all-reduces gradients on the last micro-batch only
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.module):
+                with self.acc.autocast():
+                    loss, micro_logs = self.module(batch, self.generator)
+                self.acc.backward(loss / accum)
+            losses.append(loss.detach().float())
+            for k, v in micro_logs.items():
+                logs.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+        if accum == 1:
+            return losses[0], {k: vs[0] for k, vs in logs.items()}
+        return torch.stack(losses).mean(), {k: torch.stack(vs).mean() for k, vs in logs.items()}
+
+    def _time_is_up(self, t_loop: float, log_step: bool) -> bool:
+        """Whether ``time_limit`` has passed; several processes decide together at log steps (rank 0's
+        clock), so that they stop at the same step."""
+        limit = self.cfg.time_limit
+        if limit is None:
+            return False
+        up = time.perf_counter() - t_loop >= limit
+        if self.acc.num_processes == 1:
+            return up
+        if not log_step:
+            return False
+        from accelerate.utils import broadcast_object_list
+
+        return bool(broadcast_object_list([up])[0])
 
     def _weights(self):
-        """Everything a checkpoint stores as weights: model and loss-module state, EMA."""
-        yield from self.raw_model.state_dict().values()
-        yield from self.loss_fn.state_dict().values()
-        yield from self.ema.state_dict().values()
+        """Everything a checkpoint stores as weights: model, objective state, EMA."""
+        yield from self.model.state_dict().values()
+        yield from trained_state(self.objective).values()
+        if self.ema is not None:
+            yield from self.ema.state_dict().values()
 
     def _flush(self, window, window_logs, grad_norms, timer, pbar) -> float:
         """Check and log the steps since the last flush (one host sync); on a divergence, point
@@ -418,7 +489,8 @@ class Trainer:
         values, norm_values = packed[:n].tolist(), packed[n:2 * n].tolist()
         first = self.step - n + 1
         verdict = self.health.check(first, values, norm_values, weights_finite=bool(packed[-1]))
-        self.vetting.observe(first, verdict.ok)
+        if self.vetting is not None:
+            self.vetting.observe(first, verdict.ok)
         if verdict.stop:
             self._stop(verdict, values)
         if verdict.skipped and self.is_main:
@@ -428,27 +500,33 @@ class Trainer:
         self.losses.extend(values)
         mean_loss = sum(values) / len(values)
         dt = max(time.perf_counter() - timer[0], 1e-9)
-        img_s = timer[1] * self.cfg.batch_size / dt
-        record = {"step": self.step, "epoch": self.plan.position(self.step)[0], "loss": mean_loss,
-                  "lr": self.sched.get_last_lr()[0], "it_per_s": timer[1] / dt, "img_per_s": img_s,
-                  "grad_norm": sum(norm_values) / n}
+        img_s = timer[1] * self.cfg.batch_size * self.cfg.grad_accum / dt
+        record = {"step": self.step}
+        if self._uses_loader:
+            record["epoch"] = self.plan.position(self.step * self.cfg.grad_accum)[0]
+        record.update({"loss": mean_loss, "lr": self.sched.get_last_lr()[0], "it_per_s": timer[1] / dt,
+                       "img_per_s": img_s, "grad_norm": sum(norm_values) / n})
         if verdict.skipped:
             record["skipped_steps"] = len(verdict.skipped)
         for k, vs in window_logs.items():
             record[k] = self.acc.reduce(torch.stack(vs), reduction="mean").mean().item()
-        flops = getattr(self.raw_model, "flops_per_image", None)
+        flops = getattr(self.model, "flops_per_image", None)
         if flops is not None:
             tflops = 3.0 * flops() * img_s / 1e12  # backward = 2x forward
             record["tflops"] = tflops
             if self.device.type == "cuda":
                 record["mfu"] = tflops / (self.cfg.peak_tflops * self.acc.num_processes)
-        self._log_json(record)
+        self.metrics.write(record)
         if pbar is not None:
             pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}")
         return mean_loss
 
     def _stop(self, verdict: Verdict, values: list[float]) -> None:
         """Fall back to the newest vetted checkpoint and raise with a message that names it."""
+        error = NonFiniteLossError if verdict.stop_kind == "nonfinite_loss" else DivergedError
+        hint = "Try a lower trainer.lr or trainer.grad_clip."
+        if self.vetting is None:
+            raise error(f"{verdict.reason}: stopping (this run writes no checkpoints). {hint}")
         vetted, unvetted = self.vetting.fall_back()
         vetted_means = "finite weights, and the step after it trained with a finite loss and gradient"
         if vetted is not None:
@@ -460,57 +538,42 @@ class Trainer:
         if unvetted:
             where += (f" Not vetted (written before the divergence showed; do not resume from them): "
                       f"{', '.join(p.name for p in unvetted)}.")
-        msg = (f"{verdict.reason}: stopping. Nothing was written after that step. {where} "
-               "Try a lower trainer.lr or trainer.grad_clip.")
+        msg = f"{verdict.reason}: stopping. Nothing was written after that step. {where} {hint}"
         event = {"step": verdict.stop_step, "event": verdict.stop_kind,
                  "vetted": str(vetted) if vetted is not None else None}
         if verdict.stop_kind == "nonfinite_loss":
             event["loss"] = str(values[verdict.stop_step - verdict.first_step])
-        self._log_json(event)
-        raise (NonFiniteLossError if verdict.stop_kind == "nonfinite_loss" else DivergedError)(msg)
+        self.metrics.write(event)
+        raise error(msg)
 
-    def _log_json(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.cfg.tensorboard and "event" not in record:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.out_dir / "tb"))
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._writer.add_scalar(f"train/{k}", v, record["step"])
-
-    # ------------------------------------------------------------------ samples
+    # ------------------------------------------------------------------ previews and evaluation
     def ema_model(self) -> nn.Module:
-        """A copy of the model holding the EMA weights (for sampling)."""
+        """A copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
         if self._ema_model is None:
-            self._ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+            self._ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.ema is None:
+            self._ema_model.load_state_dict(self.model.state_dict())
+            return self._ema_model
         return self.ema.copy_to(self._ema_model)
 
-    def sample_grid(self) -> Path | None:
+    def preview(self) -> Path | None:
+        """``objective.preview`` of the EMA model into ``<run>/samples`` (main process)."""
         path = None
         if self.is_main:
-            cfg = self.cfg
-            images = sample_images(self.ema_model(), self.process, self.prediction, self.autoencoder,
-                                   num_samples=cfg.sample_num, solver=cfg.sample_solver,
-                                   steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale,
-                                   seed=cfg.seed, device=self.device)
-            nrow = getattr(self.raw_model, "num_classes", 0) or int(math.sqrt(cfg.sample_num))
-            path = save_grid(images, self.out_dir / "samples" / f"step_{self.step:07d}.png", nrow=nrow)
-            log.info("step %d: sample grid %s", self.step, path)
+            path = self.objective.preview(self.ema_model(), self.step, self.out_dir / "samples")
         self.acc.wait_for_everyone()
         return path
+
+    def evaluate(self) -> dict:
+        """``objective.evaluate`` of the EMA model on every process; logged as ``eval/<key>``."""
+        numbers = {k: float(v) for k, v in self.objective.evaluate(self.ema_model(), self.step).items()}
+        self.metrics.write({"step": self.step, **{f"eval/{k}": v for k, v in numbers.items()}})
+        return {"step": self.step, **numbers}
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_config(self) -> dict:
         config = dict(self.run_config)
-        config["checkpoint"] = ckpt_io.checkpoint_meta(
-            self.raw_model, kind="dit", process=self.process, prediction=self.prediction,
-            autoencoder=self.autoencoder, dataset_info=self.dataset_info, step=self.step)
+        config["checkpoint"] = self.objective.checkpoint_meta(self.step)
         return config
 
     def save(self) -> Path:
@@ -522,20 +585,23 @@ class Trainer:
             (tmp / ckpt_io.STATE_DIR).mkdir()
         self.acc.wait_for_everyone()
         state = tmp / ckpt_io.STATE_DIR
-        torch.save(capture_rng(self.noise_gen), state / f"rng_{self.acc.process_index}.pt")
+        torch.save(capture_rng(self.generator), state / f"rng_{self.acc.process_index}.pt")
         if self.is_main:
-            ckpt_io.save_weights(tmp / ckpt_io.MODEL_FILE, self.raw_model.state_dict())
-            ckpt_io.save_weights(tmp / ckpt_io.EMA_FILE, self.ema.state_dict())
-            loss_state = self.loss_fn.state_dict()
-            if loss_state:
-                ckpt_io.save_weights(state / "loss.safetensors", loss_state)
+            model_state = self.model.state_dict()
+            ckpt_io.save_weights(tmp / ckpt_io.MODEL_FILE, model_state)
+            ckpt_io.save_weights(tmp / ckpt_io.EMA_FILE, self.ema.state_dict() if self.ema else model_state)
+            objective_state = trained_state(self.objective)
+            if objective_state:
+                ckpt_io.save_weights(state / OBJECTIVE_STATE, objective_state)
             torch.save(self.opt.state_dict(), state / "optimizer.pt")
             torch.save(self.sched.state_dict(), state / "scheduler.pt")
-            epoch, batch = self.plan.position(self.step)
-            trainer_state = {"step": self.step, "batches_consumed": self.step, "epoch": epoch,
-                             "batch_in_epoch": batch, "ema_updates": self.ema.num_updates,
-                             "global_batch": self.cfg.batch_size, "world_size": self.acc.num_processes,
-                             "seed": self.cfg.seed, "trainer": asdict(self.cfg)}
+            consumed = self.step * self.cfg.grad_accum
+            epoch, batch = self.plan.position(consumed) if self.plan is not None else (None, None)
+            trainer_state = {"step": self.step, "batches_consumed": consumed, "epoch": epoch,
+                             "batch_in_epoch": batch, "ema_updates": self.ema.num_updates if self.ema else 0,
+                             "global_batch": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                             "world_size": self.acc.num_processes, "seed": self.cfg.seed,
+                             "objective": type(self.objective).__name__, "trainer": asdict(self.cfg)}
             (state / "trainer.json").write_text(json.dumps(trainer_state, indent=1, default=str))
             # after every weight file: config.yaml records their sha256 (checked on load)
             config = ckpt_io.record_weight_hashes(self.checkpoint_config(), tmp)
@@ -553,33 +619,40 @@ class Trainer:
         simulate a crash here)."""
 
     def _load(self, path: Path) -> None:
-        """Restore weights, EMA, loss parameters, optimizer, scheduler, step, data position, RNG."""
+        """Restore weights, EMA, objective state, optimizer, scheduler, step, data position, RNG."""
         state = path / ckpt_io.STATE_DIR
         meta = ckpt_io.read_json(ckpt_io.require_file(path, f"{ckpt_io.STATE_DIR}/trainer.json"))
-        if meta.get("global_batch") != self.cfg.batch_size:
+        # checkpoints of the DiT trainer before the engine lack grad_accum and optimizer: it used 1, AdamW
+        for key, ours, what in (("global_batch", self.cfg.batch_size, "trainer.batch_size"),
+                                ("grad_accum", self.cfg.grad_accum, "trainer.grad_accum")):
+            theirs = meta.get(key, 1 if key == "grad_accum" else None)
+            if theirs != ours:
+                raise ckpt_io.CheckpointError(
+                    f"{path} was trained with {key.replace('_', ' ')} {theirs}, this run uses {ours}: the "
+                    f"data order would differ; set {what} to match")
+        saved_optimizer = (meta.get("trainer") or {}).get("optimizer", "adamw")
+        if saved_optimizer != self.cfg.optimizer:
             raise ckpt_io.CheckpointError(
-                f"{path} was trained with global batch {meta.get('global_batch')}, this run uses "
-                f"{self.cfg.batch_size}: the data order would differ; set trainer.batch_size to match")
+                f"{path} was trained with optimizer {saved_optimizer!r}, this run uses "
+                f"{self.cfg.optimizer!r}: its state cannot carry over; set trainer.optimizer to match")
         # weight files are checked against the sha256 in config.yaml and for NaN/inf
         node = ckpt_io.checkpoint_node(ckpt_io.load_config(path), path / ckpt_io.CONFIG_FILE)
-        self.raw_model.load_state_dict(ckpt_io.read_checkpoint_weights(path, ckpt_io.MODEL_FILE, node))
-        if (state / "loss.safetensors").is_file():
-            loss_state = ckpt_io.read_checkpoint_weights(path, "state/loss.safetensors", node)
-            self.loss_fn.load_state_dict(loss_state)
-        elif self.loss_fn.state_dict():
-            raise ckpt_io.CheckpointError(f"{path} has no state/loss.safetensors, but this loss has "
-                                          "parameters")
-        ema_state = ckpt_io.read_checkpoint_weights(path, ckpt_io.EMA_FILE, node)
-        self.ema.load_state_dict(ema_state, meta["ema_updates"])
+        self.model.load_state_dict(ckpt_io.read_checkpoint_weights(path, ckpt_io.MODEL_FILE, node))
+        name = f"{ckpt_io.STATE_DIR}/{OBJECTIVE_STATE}"
+        if (path / name).is_file():
+            load_trained_state(self.objective, ckpt_io.read_checkpoint_weights(path, name, node), path / name)
+        elif trained_state(self.objective):
+            raise ckpt_io.CheckpointError(f"{path} has no {name}, but this objective "
+                                          f"({type(self.objective).__name__}) has trained state")
+        if self.ema is not None:
+            ema_state = ckpt_io.read_checkpoint_weights(path, ckpt_io.EMA_FILE, node)
+            self.ema.load_state_dict(ema_state, meta["ema_updates"])
         self.opt.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/optimizer.pt")))
         self.sched.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/scheduler.pt")))
         self.step = int(meta["step"])
-        ae_cfg = node["autoencoder"] or {}
-        if self.autoencoder is not None and ae_cfg.get("scale") is not None:
-            self.autoencoder.scale, self.autoencoder.shift = ae_cfg["scale"], ae_cfg.get("shift")
         rng_file = state / f"rng_{self.acc.process_index}.pt"
         if rng_file.is_file():
-            restore_rng(ckpt_io.torch_load(rng_file), self.noise_gen)
+            restore_rng(ckpt_io.torch_load(rng_file), self.generator)
         else:
             log.warning("%s has no RNG state for rank %d (world size changed?): fresh seeds; the data order "
                         "is unchanged, noise draws differ", path, self.acc.process_index)
