@@ -78,6 +78,90 @@ def test_two_step_ddim_update_by_hand():
     assert (out - x2).abs().max().item() < 1e-12
 
 
+def _toy_eps_model(process):
+    w = torch.tensor([[0.9, -0.2], [0.1, 0.7]], dtype=torch.float64)
+    return ModelFn(lambda x, t, y=None: torch.tanh(x @ w.T) * (1 + as_time(t)[:, None]), process, "eps")
+
+
+def _ab(process, t):
+    tt = torch.tensor(t, dtype=torch.float64)
+    return process.alpha(tt), process.sigma(tt)
+
+
+X_T = torch.tensor([[0.8, -1.1], [0.3, 0.5]], dtype=torch.float64)
+
+
+def test_dpmpp_2m_derivative_term_keeps_the_raw_evaluations():
+    """DPM-Solver++(2M), two steps, constant c: the zeroth-order term of step 2 uses the modified
+    x0~_1 = x0 of eps1 + c (eps1 - eps0) at x1, while the derivative D1 = (x0_1 - x0_0) / r0 uses the RAW
+    x0_1 (feeding x0~_1 into it changes the result by O(c |x0~_1 - x0_1|) and fails this test)."""
+    process, c = VP(), 0.4
+    mf = _toy_eps_model(process)
+    times = [1.0, 0.6, 0.25]
+    out = sample(mf, X_T, "dpmpp_2m", times=torch.tensor(times, dtype=torch.float64),
+                 lower_order_final=False, dualfast=dict(c=c, schedule="constant"))
+    (a0, s0), (a1, s1), (a2, s2) = (_ab(process, t) for t in times)
+    lam = [torch.log(a / s) for a, s in ((a0, s0), (a1, s1), (a2, s2))]
+    d0 = mf.predict(X_T, times[0])
+    x1 = (s1 / s0) * X_T - a1 * torch.expm1(lam[0] - lam[1]) * d0.x0  # step 1: order 1, no reference yet
+    d1 = mf.predict(x1, times[1])
+    x0_mod = (x1 - s1 * (d1.eps + c * (d1.eps - d0.eps))) / a1
+    h, h0 = lam[2] - lam[1], lam[1] - lam[0]
+    d_1 = (d1.x0 - d0.x0) / (h0 / h)  # raw evaluations only
+    x2 = (s2 / s1) * x1 - a2 * torch.expm1(-h) * x0_mod - 0.5 * a2 * torch.expm1(-h) * d_1
+    assert (out - x2).abs().max().item() < 1e-12
+    wrong = x2 - 0.5 * a2 * torch.expm1(-h) * (x0_mod - d1.x0) / (h0 / h)  # modified x0 in D1
+    assert (out - wrong).abs().max().item() > 1e-3
+
+
+def _ddim_by_hand(mf, process, times, modified):
+    """DDIM x_{i+1} = alpha_{i+1} x0~_i + sigma_{i+1} eps~_i with (x0~_i, eps~_i) = modified(i, x_i, dens)."""
+    x, dens = X_T, []
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        dens.append(mf.predict(x, t))
+        x0_t, eps_t = modified(i, x, dens)
+        a_n, s_n = _ab(process, t_next)
+        x = a_n * x0_t + s_n * eps_t
+    return x
+
+
+@pytest.mark.parametrize("reference", ("first", "previous"))
+@pytest.mark.parametrize("space", ("noise", "data"))
+@pytest.mark.parametrize("solver", ("ddim", "euler"))
+def test_reference_and_space_options_by_hand(reference, space, solver):
+    """Three steps, constant c: reference "first" mixes against the first evaluation, "previous"
+    against the one before; space "noise" moves eps (x0 follows from the state), "data" moves x0 (eps
+    follows). DDIM (data prediction) and Euler (noise prediction) take the same modified step."""
+    process, c = VP(), 0.3
+    mf = _toy_eps_model(process)
+    times = [1.0, 0.7, 0.4, 0.15]
+
+    def modified(i, x, dens):
+        cur = dens[-1]
+        if i == 0:
+            return cur.x0, cur.eps
+        ref = dens[0] if reference == "first" else dens[-2]
+        a, s = _ab(process, times[i])
+        if space == "noise":
+            eps = cur.eps + c * (cur.eps - ref.eps)
+            return (x - s * eps) / a, eps
+        x0 = cur.x0 + c * (cur.x0 - ref.x0)
+        return x0, (x - a * x0) / s
+
+    expect = _ddim_by_hand(mf, process, times, modified)
+    out = sample(mf, X_T, solver, times=torch.tensor(times, dtype=torch.float64),
+                 dualfast=dict(c=c, schedule="constant", reference=reference, space=space))
+    assert (out - expect).abs().max().item() < 1e-12
+    # the options matter in this run: the other reference / space gives a different result
+    other_ref = sample(mf, X_T, solver, times=torch.tensor(times, dtype=torch.float64),
+                       dualfast=dict(c=c, schedule="constant", space=space,
+                                     reference="previous" if reference == "first" else "first"))
+    other_space = sample(mf, X_T, solver, times=torch.tensor(times, dtype=torch.float64),
+                         dualfast=dict(c=c, schedule="constant", reference=reference,
+                                       space="data" if space == "noise" else "noise"))
+    assert (out - other_ref).abs().max().item() > 1e-4 and (out - other_space).abs().max().item() > 1e-4
+
+
 @pytest.mark.parametrize("solver", SOLVERS + ("heun", "dpmpp_2s"))
 @pytest.mark.parametrize("process", (VP(), Flow()), ids=("vp", "flow"))
 def test_off_is_base_solver_and_no_extra_nfe(unimodal, solver, process):
