@@ -167,7 +167,8 @@ def sample(
         callback: called as ``callback(dict(i, t, x, x0, t_next, x_next))`` after each step.
         hooks: objects with ``reset()`` and ``__call__(model_fn, x_prev, x_next, t_prev, t_next,
             step_index, cond) -> x_next`` applied after every solver step; ``lml=dict(...)`` adds
-            ``samplers.langevin.LMLCorrector(**lml)``, ``momentum=beta`` adds
+            ``samplers.langevin.LMLCorrector(**lml)`` (2 NFE per iteration; ``lamb=math.inf`` is
+            first-order Langevin, 1 NFE), ``momentum=beta`` adds
             ``samplers.momentum.HeavyBall(beta)``.
         disable_progress: no tqdm bar (default).
         order, lower_order_final, corrector: solver options (see module docstring).
