@@ -20,7 +20,12 @@ Conventions, with P the prediction being guided and Delta = P_cond - P_uncond:
   Delta <- M min(1, r / ||M||), split against P_cond into parallel and orthogonal parts (float64).
   ``space="x0"`` (default, the paper): P = P_cond + (w - 1)(Delta_orth + eta Delta_par) on the
   denoised prediction. ``space="model_output"``: diffusers' ``normalized_guidance`` convention,
-  P = P_uncond + w (Delta_orth + eta Delta_par) on the raw network output. The two agree at eta = 1.
+  P = P_uncond + w (Delta_orth + eta Delta_par) on the raw network output. The two forms agree (and
+  equal CFG) only when the update Delta_orth + eta Delta_par is Delta itself: eta = 1, no momentum
+  (beta = 0) and the norm cap inactive (r = None or ||Delta|| <= r). With momentum or an active cap the
+  update U differs from Delta and the forms differ by Delta - U (paper: P_cond + (w - 1) U =
+  P_uncond + Delta + (w - 1) U; diffusers: P_uncond + w U), at any eta. The cap r has the units of the
+  guided quantity, so its default is given per space (``APG_DEFAULT_R``).
 * ``CFGZeroStar`` (Fan et al. 2025, arXiv 2503.18886): s* = <P_c, P_u> / (||P_u||^2 + 1e-8) per
   sample, P = s* P_u + w (P_c - s* P_u) on the raw output (the velocity of a flow model), and zero
   velocity for the first steps (the zero output of a flow model; the equivalent standing-still
@@ -158,6 +163,11 @@ class CFG(Guided):
     arXiv 2207.12598), optionally only inside a time interval [t_lo, t_hi] (arXiv 2404.07724)."""
 
 
+#: APG's default norm cap r per guided space (the cap has the units of that space). model_output: 15,
+#: diffusers' default for eps / velocity output. x0: 15 kept provisionally, not measured for x0 yet.
+APG_DEFAULT_R: dict[str, float] = {"model_output": 15.0, "x0": 15.0}
+
+
 class APG(Guided):
     """Adaptive projected guidance (Sadat, Hilliges, Weber 2024, arXiv 2410.02416).
 
@@ -172,8 +182,12 @@ class APG(Guided):
        on the raw output (diffusers' ``normalized_guidance``). ``form`` overrides the combination
        ("paper" | "diffusers") independently of the space.
 
-    Defaults eta = 0, beta = -0.5 (the paper's Algorithm 1 and its released usage), r = 15
-    (diffusers' default; the paper tunes r per model and space).
+    Defaults eta = 0, beta = -0.5 (the paper's Algorithm 1 and its released usage) and r per space
+    from :data:`APG_DEFAULT_R`: 15 for ``model_output`` is diffusers' default, set for the eps /
+    velocity output of SD-size latent models. For ``x0`` (data units) no value has been measured yet;
+    15 is kept there provisionally (on CIFAR-10 pixels in [-1, 1], ||x0|| is about 28, so r = 15 caps
+    only large updates) until the GPU sweep on the trained DiT chooses one (docs/guidance.md). The
+    paper tunes r per model and space; pass ``r=`` to override, ``r=None`` (or inf) disables the cap.
 
     The momentum buffer lives for one sampling run: ``reset()`` clears it, and so does a call at a
     larger t than the previous call (a new run starts at high noise) unless
@@ -181,12 +195,16 @@ class APG(Guided):
     """
 
     def __init__(self, model_fn: ModelFn, scale: float, uncond: dict | None = None,
-                 interval: tuple[float, float] | None = None, eta: float = 0.0, r: float | None = 15.0,
-                 beta: float = -0.5, space: str = "x0", form: str | None = None,
-                 reset_on_t_increase: bool = True):
+                 interval: tuple[float, float] | None = None, eta: float = 0.0,
+                 r: float | None | str = "default", beta: float = -0.5, space: str = "x0",
+                 form: str | None = None, reset_on_t_increase: bool = True):
         super().__init__(model_fn, scale, uncond, interval)
-        if space not in ("x0", "model_output"):
-            raise ValueError(f"APG space must be 'x0' or 'model_output', got {space!r}")
+        if space not in APG_DEFAULT_R:
+            raise ValueError(f"APG space must be one of {tuple(APG_DEFAULT_R)}, got {space!r}")
+        if r == "default":
+            r = APG_DEFAULT_R[space]
+        elif isinstance(r, str):
+            raise ValueError(f"APG r must be a number, None or 'default', got {r!r}")
         form = form or ("paper" if space == "x0" else "diffusers")
         if form not in ("paper", "diffusers"):
             raise ValueError(f"APG form must be 'paper' or 'diffusers', got {form!r}")

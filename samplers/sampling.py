@@ -37,6 +37,11 @@ from samplers.momentum import HeavyBall
 from samplers.schedules import get_times
 from samplers.usf import StepPlan, Strategy, integrate, plan
 
+#: ``dualfast="auto"`` turns DualFast on for AUTO_STEPS[0] <= steps <= AUTO_STEPS[1]: on the trained DiTs it
+#: lowered fd at 5-8 NFE for every solver, raised it at 4 NFE (DiT-S/2) and was within noise, with lower
+#: class accuracy, at 10-20 for the high-order solvers (docs/samplers.md).
+AUTO_STEPS = (5, 8)
+
 # name -> (Strategy template, lower_order_final rule)
 SOLVERS: dict[str, tuple[Strategy, str | None]] = {
     "ddim": (Strategy("data", 1), None),
@@ -104,6 +109,10 @@ def _build_hooks(hooks: Sequence, lml, momentum) -> list:
 
 
 def _build_dualfast(dualfast, num_steps: int, process):
+    if isinstance(dualfast, str):
+        if dualfast != "auto":
+            raise ValueError(f"dualfast must be True/False, 'auto', a dict or a DualFast, got {dualfast!r}")
+        dualfast = AUTO_STEPS[0] <= num_steps <= AUTO_STEPS[1]
     if dualfast is None or dualfast is False:
         return None
     if dualfast is True:
@@ -113,7 +122,7 @@ def _build_dualfast(dualfast, num_steps: int, process):
     elif isinstance(dualfast, DualFast):
         df = dualfast
     else:
-        raise TypeError("dualfast must be True/False, a dict of DualFast options, or a DualFast")
+        raise TypeError("dualfast must be True/False, 'auto', a dict of DualFast options, or a DualFast")
     df.reset(num_steps)
     df.process = process
     return df
@@ -152,11 +161,14 @@ def sample(
         steps, schedule, t_start, t_end: the grid (see :mod:`samplers.schedules`); ``times`` (a
             decreasing 1-D tensor) overrides them.
         denoise_final: return the x0 prediction at t_end (one more NFE) instead of x(t_end).
-        dualfast: True (defaults), a dict of options, or a :class:`~samplers.dualfast.DualFast`.
+        dualfast: True (defaults), a dict of options, a :class:`~samplers.dualfast.DualFast`, or
+            ``"auto"``: the defaults when AUTO_STEPS[0] <= steps <= AUTO_STEPS[1] (5-8), else off
+            (:data:`AUTO_STEPS`; the measurements behind it are in docs/samplers.md). Default off.
         callback: called as ``callback(dict(i, t, x, x0, t_next, x_next))`` after each step.
         hooks: objects with ``reset()`` and ``__call__(model_fn, x_prev, x_next, t_prev, t_next,
             step_index, cond) -> x_next`` applied after every solver step; ``lml=dict(...)`` adds
-            ``samplers.langevin.LMLCorrector(**lml)``, ``momentum=beta`` adds
+            ``samplers.langevin.LMLCorrector(**lml)`` (2 NFE per iteration; ``lamb=math.inf`` is
+            first-order Langevin, 1 NFE), ``momentum=beta`` adds
             ``samplers.momentum.HeavyBall(beta)``.
         disable_progress: no tqdm bar (default).
         order, lower_order_final, corrector: solver options (see module docstring).

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from difftools.process import VP, Flow
-from samplers.guidance import APG, CFG, CFGZeroStar, guided
+from samplers.guidance import APG, APG_DEFAULT_R, CFG, CFGZeroStar, guided
 from samplers.model import ModelFn
 from samplers.momentum import HeavyBall
 from tests.mixture import make_class_mixture
@@ -191,6 +191,47 @@ def test_apg_degenerates_to_cfg_over_a_run():
     # with its defaults APG differs from CFG on the same run
     d = _ddim(APG(mf, 4.0, unc, r=0.25), x, _times(8), y=y)
     assert (d - c).abs().max().item() > 1e-2
+
+
+def test_apg_forms_agree_at_eta_one_only_without_momentum_and_cap():
+    """The docstring's claim: paper form P_c + (w-1) U and diffusers' P_u + w U coincide (= CFG) at
+    eta = 1 only when U = Delta, i.e. beta = 0 and the cap inactive; momentum or an active cap makes
+    them differ by Delta - U."""
+    mf = ModelFn(_toy_net(), Flow(), "flow")
+    unc = {"y": torch.tensor([3, 3])}
+    x = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y, times = torch.tensor([0, 1]), (0.9, 0.6, 0.3)
+
+    def run(**opts):
+        outs = {}
+        for form in ("paper", "diffusers"):
+            g = APG(mf, 4.0, unc, eta=1.0, space="model_output", form=form, **opts)
+            outs[form] = torch.stack([g.output(x, t, y=y) for t in times])
+        return outs
+
+    cfg = torch.stack([CFG(mf, 4.0, unc).output(x, t, y=y) for t in times])
+    plain = run(beta=0.0, r=None)
+    assert (plain["paper"] - plain["diffusers"]).abs().max().item() < 1e-12
+    assert (plain["paper"] - cfg).abs().max().item() < 1e-12
+    momentum = run(beta=-0.5, r=None)
+    assert (momentum["paper"][0] - momentum["diffusers"][0]).abs().max().item() < 1e-12  # no history yet
+    assert (momentum["paper"] - momentum["diffusers"]).abs().max().item() > 1e-2
+    norms = (mf.output(x, 0.3, y=y) - mf.output(x, 0.3, y=unc["y"])).flatten(1).norm(dim=1)
+    capped = run(beta=0.0, r=0.5 * norms.min().item())
+    assert (capped["paper"] - capped["diffusers"]).abs().max().item() > 1e-2
+
+
+def test_apg_norm_cap_default_is_per_space():
+    mf = ModelFn(_toy_net(), Flow(), "flow")
+    unc = {"y": torch.tensor([3, 3])}
+    assert APG(mf, 3.0, unc).r == APG_DEFAULT_R["x0"]
+    assert APG(mf, 3.0, unc, space="model_output").r == APG_DEFAULT_R["model_output"]
+    assert APG(mf, 3.0, unc, r=2.5).r == 2.5 and APG(mf, 3.0, unc, r=None).r is None
+    assert guided(mf, "apg", 3.0, unc, r=math.inf).r is None
+    with pytest.raises(ValueError, match="APG r must be a number, None or 'default', got 'large'"):
+        APG(mf, 3.0, unc, r="large")
+    with pytest.raises(ValueError, match="APG space must be one of"):
+        APG(mf, 3.0, unc, space="eps")
 
 
 def test_apg_momentum_resets():

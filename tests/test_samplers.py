@@ -15,6 +15,7 @@ import torch
 
 from difftools.process import EDM, VP, Flow
 from samplers import ModelFn, sample
+from samplers.sampling import SOLVERS, solver_strategies
 from samplers.usf import Strategy, phi
 from tests.mixture import make_class_mixture, make_mixture
 
@@ -225,3 +226,54 @@ def test_step_launches_only_state_sized_ops(solver, max_state_ops):
             state_ops += 1
     assert per_sample_ops == []
     assert state_ops / steps <= max_state_ops
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpm_solver_2m", "dpm_solver_3m", "heun"])
+@pytest.mark.parametrize("process", [VP(), Flow()], ids=["vp", "flow"])
+def test_noise_form_run_to_t0_ends_on_the_x0_prediction(solver, process):
+    """A noise-prediction step onto sigma = 0 (lambda = +inf) is taken in its exact limit
+    alpha_t (x_s - sigma_s eps_s) / alpha_s: the run must end exactly where ``denoise_final`` at the
+    last positive time ends (the x0 prediction there), and be close to the exact ODE solution."""
+    mix = make_mixture(dim=2, num_components=3, std=0.5, radius=1.0)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    t_start = 1.0 if isinstance(process, VP) else 0.99
+    x_T = x_T * process.sigma(torch.tensor(t_start)).item()
+    grid = torch.linspace(t_start, 0.02, 30, dtype=torch.float64)
+    mf = mix.model_fn(process)
+    to_zero = sample(mf, x_T, solver, times=torch.cat([grid, torch.zeros(1, dtype=torch.float64)]))
+    final = sample(mf.reset(), x_T, solver, times=grid, denoise_final=True)
+    assert (to_zero - final).abs().max().item() < 1e-10
+    ref = mix.ode_reference(process, x_T, t_start, 1e-4, rtol=1e-10, atol=1e-10)
+    assert (to_zero - ref).abs().max().item() < 0.1  # 30 uniform-t steps; Euler errs most (0.077)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "dpm_solver_3m"])
+def test_lower_order_final_boundary_at_15_steps(solver):
+    """diffusers' rule: DPM-Solver(++) multistep lowers the last orders only when steps < 15. At 14
+    steps the last step is order 1 (and the one before at most 2); at 15 none is lowered, so
+    ``lower_order_final`` changes nothing (checked bitwise) and diffusers agrees."""
+    orders = {n: [s.order for s in solver_strategies(solver, n)] for n in (14, 15)}
+    base = SOLVERS[solver][0].order
+    assert orders[15] == [base] * 15
+    assert orders[14][-1] == 1 and orders[14][-2] == min(base, 2) and orders[14][:-2] == [base] * 12
+    mix = make_mixture()
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mf = mix.model_fn(VP())
+    on = sample(mf, x_T, solver, steps=15)
+    off = sample(mf, x_T, solver, steps=15, lower_order_final=False)
+    assert torch.equal(on, off)
+    assert not torch.equal(sample(mf, x_T, solver, steps=14), sample(mf, x_T, solver, steps=14,
+                                                                       lower_order_final=False))
+
+
+def test_lower_order_final_matches_diffusers_at_15_steps():
+    diffusers = pytest.importorskip("diffusers")
+    from tests.test_samplers_diffusers import BETAS, grid, ours, run_diffusers
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sched = diffusers.DPMSolverMultistepScheduler(**BETAS, solver_order=3, algorithm_type="dpmsolver++",
+                                                  solver_type="midpoint", lower_order_final=True,
+                                                  final_sigmas_type="sigma_min")
+    ref = run_diffusers(sched, x_T, 15)
+    out, mf = ours(sched, grid(sched, 0.001), x_T, "dpmpp_3m")
+    assert mf.nfe == 15 and (out - ref).abs().max().item() <= 1e-5
