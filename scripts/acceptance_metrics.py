@@ -22,28 +22,16 @@ from pathlib import Path
 
 import torch
 
-
-def smoke_checkpoint(out: Path) -> Path:
-    """A tiny random-weight digits DiT in the checkpoint format (exercises the full code path)."""
-    from difftools.checkpoint import save_checkpoint
-    from difftools.data import build_dataset
-    from difftools.models.dit import DiT
-    from difftools.process import Flow
-
-    torch.manual_seed(0)
-    info = build_dataset("digits", split="test").info
-    model = DiT(
-        input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=10
-    )
-    return save_checkpoint(
-        out / "smoke_ckpt",
-        model,
-        config={"data": {"name": "digits", "image_size": 16}},
-        process=Flow(),
-        prediction="flow",
-        dataset_info=info,
-        update_latest=False,
-    )
+from difftools.checkpoint import load
+from difftools.data import build_dataset
+from difftools.generate import SampleSpec, generate_uint8
+from difftools.metrics.classifier import class_accuracy, dataset_tensors, default_classifier
+from difftools.metrics.distances import result
+from difftools.metrics.evaluate import score
+from difftools.metrics.features import ClassifierFeatures, InceptionFeatures
+from difftools.metrics.reference import reference_stats
+from difftools.testing import save_smoke_checkpoint
+from difftools.training.grid import save_grid
 
 
 def timed(fn, *args, **kw):
@@ -75,21 +63,13 @@ def main(argv=None) -> dict:
     )
     args = p.parse_args(argv)
 
-    from difftools.checkpoint import load
-    from difftools.metrics.classifier import class_accuracy, dataset_tensors, default_classifier
-    from difftools.metrics.evaluate import dataset_of, score
-    from difftools.metrics.features import ClassifierFeatures, InceptionFeatures
-    from difftools.metrics.fid import reference_stats, result
-    from difftools.metrics.generate import SampleSpec, generate_uint8
-    from difftools.training.grid import save_grid
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
     if args.smoke:
-        args.ckpt = str(smoke_checkpoint(out))
+        args.ckpt = str(save_smoke_checkpoint(out / "smoke_ckpt"))  # a random digits DiT
         args.num_samples, args.steps, args.batch_size = 60, [2, 4], 30
         args.cache = args.cache or str(out / "cache")
     if not args.ckpt:
@@ -97,8 +77,7 @@ def main(argv=None) -> dict:
     cache = Path(args.cache) if args.cache else None
     t_start = time.perf_counter()
     loaded = load(args.ckpt, use_ema=True, device=device)
-    dataset, size, data_cfg = dataset_of(loaded)
-    root = data_cfg.get("root")
+    dataset, size, root = loaded.reference_dataset()
     rec: dict = {
         "checkpoint": str(loaded.path),
         "step": loaded.step,
@@ -121,8 +100,6 @@ def main(argv=None) -> dict:
             device=device,
             cache=None if cache is None else cache / "classifiers",
         )
-    from difftools.data import build_dataset
-
     test = build_dataset(dataset, root=root, split="test", image_size=size)
     x_test, y_test = dataset_tensors(test)
     rec["classifier"] = {

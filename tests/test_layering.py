@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("difftools.training", "difftools.checkpoint"),
     ("difftools.metrics",),
     ("difftools.rl", "difftools.discrete", "difftools.editing"),
-    ("difftools.testing",),  # tiny models for tests and the scripts' smoke modes
+    ("difftools.testing", "difftools.benchmark"),  # tiny models for tests and smoke modes; bench harness
     ("difftools",),  # the package root: difftools.load
 ]
 
