@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-import difftools
 from difftools.benchmark.train_step import Combo, StepConfig, arch, resolve_variant
 
-PACKAGE_ROOT = Path(difftools.__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds this difftools
 
 
 def est_gpu_gb(combo: Combo, cfg: StepConfig) -> float:
