@@ -44,7 +44,7 @@ def timed(fn, *args, **kw):
     return res, time.perf_counter() - t0
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="CIFAR-10 DiT checkpoint / run directory")
     p.add_argument("--out", required=True)
@@ -62,7 +62,16 @@ def main(argv=None) -> dict:
         "--cache", default=None, help="cache root (default $DIFFTOOLS_CACHE or ~/.cache/difftools)"
     )
     args = p.parse_args(argv)
+    if args.smoke:
+        args.num_samples, args.steps, args.batch_size = 60, [2, 4], 30
+        args.cache = args.cache or str(Path(args.out) / "cache")
+    elif not args.ckpt:
+        p.error("--ckpt is required (or --smoke)")
+    return args
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,10 +79,6 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)
     if args.smoke:
         args.ckpt = str(save_smoke_checkpoint(out / "smoke_ckpt"))  # a random digits DiT
-        args.num_samples, args.steps, args.batch_size = 60, [2, 4], 30
-        args.cache = args.cache or str(out / "cache")
-    if not args.ckpt:
-        p.error("--ckpt is required (or --smoke)")
     cache = Path(args.cache) if args.cache else None
     t_start = time.perf_counter()
     loaded = load(args.ckpt, use_ema=True, device=device)

@@ -180,7 +180,7 @@ def to_markdown(acc, over, dit_ms, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (< 1 min)")
@@ -190,7 +190,11 @@ def main():
                     help="skip the mixture accuracy table (CPU work): overhead only")
     ap.add_argument("--solvers", default=None, help="comma-separated subset of solvers (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     device = torch.device(args.device)
     solvers = list(SOLVERS) if args.solvers is None else args.solvers.split(",")
