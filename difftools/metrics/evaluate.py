@@ -179,8 +179,6 @@ def evaluate_checkpoint(
         dataset, size, root = run.reference_dataset()
         image_size = image_size or size
         data_root = data_root or root
-    if image_size is None:
-        raise ValueError(f"dataset={dataset!r} was given without image_size")
     ext = build_features(features, dataset, image_size, device=device, cache=cache, root=data_root, log=log)
     t0 = time.perf_counter()
     images, labels, nfe = generate_uint8(run, range(num_samples), spec, batch_size, device)
