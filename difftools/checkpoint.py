@@ -52,13 +52,14 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from difftools.files import atomic_file, file_sha256  # noqa: F401 (re-exported: used across packages)
+from difftools.loaded import Loaded
 from difftools.models.registry import (  # noqa: F401 (register_rebuildable re-exported)
     UnregisteredClassError,
     class_path,
@@ -195,22 +196,6 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_directory(tmp, path)
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Write one file atomically: yield a temporary sibling to write to; on normal exit it is
-    fsynced and renamed over ``path``; on an exception it is deleted and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -350,15 +335,6 @@ def _plain(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def record_weight_hashes(config: Mapping, folder: str | os.PathLike) -> dict:
@@ -712,21 +688,6 @@ def read_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"incomplete checkpoint: missing {path}") from err
     except json.JSONDecodeError as err:
         raise CheckpointError(f"corrupt {path}: {err}") from err
-
-
-@dataclass
-class Loaded:
-    """What :func:`load` returns. ``process``/``prediction``/``autoencoder`` are None for models
-    that are not denoisers (e.g. classifiers)."""
-
-    model: torch.nn.Module
-    process: Any
-    prediction: str | None
-    autoencoder: Any
-    config: dict
-    dataset_info: dict | None
-    path: Path
-    step: int | None
 
 
 def load(ckpt_dir: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu",

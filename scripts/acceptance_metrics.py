@@ -22,28 +22,16 @@ from pathlib import Path
 
 import torch
 
-
-def smoke_checkpoint(out: Path) -> Path:
-    """A tiny random-weight digits DiT in the checkpoint format (exercises the full code path)."""
-    from difftools.checkpoint import save_checkpoint
-    from difftools.data import build_dataset
-    from difftools.models.dit import DiT
-    from difftools.process import Flow
-
-    torch.manual_seed(0)
-    info = build_dataset("digits", split="test").info
-    model = DiT(
-        input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=10
-    )
-    return save_checkpoint(
-        out / "smoke_ckpt",
-        model,
-        config={"data": {"name": "digits", "image_size": 16}},
-        process=Flow(),
-        prediction="flow",
-        dataset_info=info,
-        update_latest=False,
-    )
+from difftools.checkpoint import load
+from difftools.data import build_dataset
+from difftools.generate import SampleSpec, generate_uint8
+from difftools.metrics.classifier import class_accuracy, dataset_tensors, default_classifier
+from difftools.metrics.distances import result
+from difftools.metrics.evaluate import score
+from difftools.metrics.features import ClassifierFeatures, InceptionFeatures
+from difftools.metrics.reference import reference_stats
+from difftools.testing import save_smoke_checkpoint
+from difftools.training.grid import save_grid
 
 
 def timed(fn, *args, **kw):
@@ -56,7 +44,7 @@ def timed(fn, *args, **kw):
     return res, time.perf_counter() - t0
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="CIFAR-10 DiT checkpoint / run directory")
     p.add_argument("--out", required=True)
@@ -74,31 +62,27 @@ def main(argv=None) -> dict:
         "--cache", default=None, help="cache root (default $DIFFTOOLS_CACHE or ~/.cache/difftools)"
     )
     args = p.parse_args(argv)
+    if args.smoke:
+        args.num_samples, args.steps, args.batch_size = 60, [2, 4], 30
+        args.cache = args.cache or str(Path(args.out) / "cache")
+    elif not args.ckpt:
+        p.error("--ckpt is required (or --smoke)")
+    return args
 
-    from difftools.checkpoint import load
-    from difftools.metrics.classifier import class_accuracy, dataset_tensors, default_classifier
-    from difftools.metrics.evaluate import dataset_of, score
-    from difftools.metrics.features import ClassifierFeatures, InceptionFeatures
-    from difftools.metrics.fid import reference_stats, result
-    from difftools.metrics.generate import SampleSpec, generate_uint8
-    from difftools.training.grid import save_grid
 
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
     if args.smoke:
-        args.ckpt = str(smoke_checkpoint(out))
-        args.num_samples, args.steps, args.batch_size = 60, [2, 4], 30
-        args.cache = args.cache or str(out / "cache")
-    if not args.ckpt:
-        p.error("--ckpt is required (or --smoke)")
+        args.ckpt = str(save_smoke_checkpoint(out / "smoke_ckpt"))  # a random digits DiT
     cache = Path(args.cache) if args.cache else None
     t_start = time.perf_counter()
     loaded = load(args.ckpt, use_ema=True, device=device)
-    dataset, size, data_cfg = dataset_of(loaded)
-    root = data_cfg.get("root")
+    dataset, size, root = loaded.reference_dataset()
     rec: dict = {
         "checkpoint": str(loaded.path),
         "step": loaded.step,
@@ -121,8 +105,6 @@ def main(argv=None) -> dict:
             device=device,
             cache=None if cache is None else cache / "classifiers",
         )
-    from difftools.data import build_dataset
-
     test = build_dataset(dataset, root=root, split="test", image_size=size)
     x_test, y_test = dataset_tensors(test)
     rec["classifier"] = {

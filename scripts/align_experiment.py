@@ -31,25 +31,30 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
+from difftools.data import build_dataset
+from difftools.data.latents import AutoencoderMismatchError, LatentDataset, cache_latents
 from difftools.device import default_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from difftools.data import build_dataset  # noqa: E402
-from difftools.data.latents import AutoencoderMismatchError, LatentDataset, cache_latents  # noqa: E402
-from difftools.losses import build_loss  # noqa: E402
-from difftools.losses.alignment import AlignedLoss, alignment_flops_overhead  # noqa: E402
-from difftools.models.autoencoders import build_autoencoder  # noqa: E402
-from difftools.models.dit import DiT  # noqa: E402
-from difftools.process import make_process  # noqa: E402
-from difftools.training.ema import EMA  # noqa: E402
+from difftools.generate import SampleSpec, generate_uint8
+from difftools.loaded import Loaded
+from difftools.losses import DenoisingLoss, build_loss
+from difftools.losses.alignment import AlignedLoss, alignment_flops_overhead
+from difftools.metrics.classifier import default_classifier
+from difftools.metrics.distances import fd
+from difftools.metrics.features import ClassifierFeatures
+from difftools.metrics.reference import reference_stats
+from difftools.metrics.stats import compute_stats
+from difftools.models.autoencoders import build_autoencoder
+from difftools.models.dit import DiT
+from difftools.process import make_process
+from difftools.training.ema import EMA
+from difftools.training.grid import save_grid
 
 
 def parse_args(argv=None):
@@ -212,8 +217,6 @@ class Run:
 @torch.no_grad()
 def val_loss(model, process, x0, y, seed) -> float:
     """Held-out flow-matching MSE on fixed latents, t (logit-normal) and noise."""
-    from difftools.losses import DenoisingLoss
-
     g = torch.Generator(device=x0.device).manual_seed(seed)
     loss, _ = DenoisingLoss(process, prediction="flow", t_distribution="logit_normal")(
         model, x0, y, generator=g
@@ -221,27 +224,14 @@ def val_loss(model, process, x0, y, seed) -> float:
     return float(loss)
 
 
-@torch.no_grad()
 def generate(model, process, ae, n, args, seed):
-    """n decoded samples as uint8 [n, C, H, W] (class labels cycling 0..K-1, no guidance)."""
-    from difftools.metrics.fid import float_to_uint8
-    from difftools.training.grid import sample_images
-
-    chunk = 1000 if model.x_embedder.proj.weight.is_cuda else 100
-    out = []
-    for i in range(0, n, chunk):
-        x = sample_images(
-            model,
-            process,
-            "flow",
-            ae,
-            num_samples=min(chunk, n - i),
-            solver=args.solver,
-            steps=args.sample_steps,
-            seed=seed + i,
-        )
-        out.append(float_to_uint8(x).cpu())
-    return torch.cat(out)
+    """n decoded samples as uint8 [n, C, H, W] (per-image seeds from ``seed``, labels cycling 0..K-1,
+    no guidance; ``difftools.generate``)."""
+    device = next(model.parameters()).device
+    spec = SampleSpec(sampler=args.solver, steps=args.sample_steps, seed=seed, precision="fp32")
+    images, _, _ = generate_uint8(Loaded(model, process, "flow", ae), range(n), spec,
+                                  1000 if device.type == "cuda" else 100, device)
+    return images
 
 
 def crossing_step(steps, values, target):
@@ -278,10 +268,6 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    from difftools.metrics import compute_stats, fd, reference_stats
-    from difftools.metrics.classifier import default_classifier
-    from difftools.metrics.features import ClassifierFeatures
-
     train_set, test_set, ae = prepare_latents(args, device, log)
     info, src = train_set.info, train_set.source_info
     latents = train_set.latents.to(device)
@@ -372,8 +358,6 @@ def main(argv=None) -> dict:
                     f"{curve['val_loss'][-1]:.4f}  ({time.time() - te:.1f}s eval)"
                 )
                 if run.step == eval_at[-1] and images.shape[0] >= 100:
-                    from difftools.training.grid import save_grid
-
                     save_grid(images[:100].float() / 127.5 - 1, out / f"samples_{name}.png", nrow=10)
                 t_w = None  # do not count evaluation time as step time
         step_time = float(np.median(window)) if window else float("nan")
@@ -474,12 +458,8 @@ def write_table(out: Path, report: dict, metric: str) -> None:
 
 
 def plot(out: Path, report: dict, metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for name, style in (("vanilla", "o-"), ("aligned", "s-")):
         c = report["runs"][name]["curve"]
         axes[0].plot(c["step"], c["fd"], style, label=name)
@@ -495,7 +475,6 @@ def plot(out: Path, report: dict, metric: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

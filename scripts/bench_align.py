@@ -24,13 +24,10 @@ from pathlib import Path
 import torch
 
 from difftools.device import default_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from difftools.losses import build_loss  # noqa: E402
-from difftools.losses.alignment import alignment_flops_overhead, projector_flops  # noqa: E402
-from difftools.models.dit import DiT, parse_preset  # noqa: E402
-from difftools.process import make_process  # noqa: E402
+from difftools.losses import build_loss
+from difftools.losses.alignment import alignment_flops_overhead, projector_flops
+from difftools.models.dit import DiT, parse_preset
+from difftools.process import make_process
 
 
 def parse_args(argv=None):

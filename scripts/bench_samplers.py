@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.mixture, the Gaussian-mixture harness
 
+from difftools.benchmark.profiling import kernel_ms  # noqa: E402
+from difftools.models.dit import dit_from_preset  # noqa: E402
 from difftools.process import VP, Flow, as_time  # noqa: E402
 from samplers import ModelFn, sample  # noqa: E402
 from samplers.sampling import SOLVERS  # noqa: E402
@@ -110,21 +112,8 @@ def overhead(solvers, device, batch, steps, repeats):
     return res
 
 
-def kernel_ms(fn) -> float:
-    """Total CUDA kernel time (ms) of one call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-
-
 def dit_forward_ms(batch, repeats=20, compiled=False):
     """Wall time of one DiT-S/2 forward (bf16 autocast, 32x32x4, batch ``batch``) on CUDA."""
-    from difftools.models.dit import dit_from_preset
-
     model = dit_from_preset("DiT-S/2", input_size=32, in_channels=4, num_classes=10).cuda().eval()
     fn = torch.compile(model) if compiled else model
     x = torch.randn(batch, 4, 32, 32, device="cuda")
@@ -191,7 +180,7 @@ def to_markdown(acc, over, dit_ms, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (< 1 min)")
@@ -201,7 +190,11 @@ def main():
                     help="skip the mixture accuracy table (CPU work): overhead only")
     ap.add_argument("--solvers", default=None, help="comma-separated subset of solvers (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     device = torch.device(args.device)
     solvers = list(SOLVERS) if args.solvers is None else args.solvers.split(",")

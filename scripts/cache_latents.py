@@ -18,17 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
+from difftools.data import build_dataset
+from difftools.data.latents import cache_latents
 from difftools.device import default_device
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from difftools.data import build_dataset  # noqa: E402
-from difftools.data.latents import cache_latents  # noqa: E402
-from difftools.models.autoencoders import build_autoencoder  # noqa: E402
+from difftools.models.autoencoders import build_autoencoder
 
 
 def parse_args(argv=None):

@@ -33,6 +33,14 @@ from pathlib import Path
 
 import torch
 
+from difftools.data import build_dataset
+from difftools.editing.attributes import images_and_labels, ink_mass
+from difftools.editing.caso import EmbeddingDiT, guided_model_fn, load_embeddings
+from difftools.editing.inversion import edit, invert, regenerate
+from difftools.editing.resources import load_attribute_classifier, load_base
+from difftools.training.grid import save_grid
+from samplers import ModelFn
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -70,13 +78,6 @@ def parse_args(argv=None):
 def reconstruction(args) -> dict:
     """Pixel RMSE of regenerate(invert(x)) vs x on ``--limit`` images (default 64) of ``--split``, for every
     solver and step count, with the null class and with the images' own labels as the conditioning."""
-    from difftools.data import build_dataset
-    from difftools.editing.attributes import images_and_labels
-    from difftools.editing.caso import EmbeddingDiT
-    from difftools.editing.inversion import invert, regenerate
-    from difftools.editing.resources import load_base
-    from samplers import ModelFn
-
     base = load_base(args.base)
     mf = ModelFn(EmbeddingDiT(base.model), base.process, base.prediction)
     info = base.dataset_info
@@ -110,14 +111,6 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     if args.reconstruction:
         return reconstruction(args)
-    from difftools.data import build_dataset
-    from difftools.editing.attributes import images_and_labels, ink_mass
-    from difftools.editing.caso import EmbeddingDiT, guided_model_fn, load_embeddings
-    from difftools.editing.inversion import edit
-    from difftools.editing.resources import load_attribute_classifier, load_base
-    from difftools.training.grid import save_grid
-    from samplers import ModelFn
-
     emb_path = Path(args.embeddings)
     emb, meta = load_embeddings(emb_path)
     base = load_base(args.base or meta.get("base"))

@@ -1,7 +1,8 @@
 """Guidance sweep on a class-conditional DiT: CFG vs APG vs CFG-Zero*, and LML vs no LML.
 
 For w in {1.5, 3, 5, 8} and 10 / 25 steps it samples the same noise and labels with every method
-and writes to ``--out``:
+(``difftools.generate``: per-image seeds, t = 1 to 1e-3 without a final denoising step) and writes to
+``--out``:
 
 * ``guidance.md`` / ``guidance.json``: per row the NFE, a Fréchet distance to the data in the
   metric classifier's feature space (``fd_<classifier>``; Inception weights are not used), the
@@ -16,8 +17,9 @@ Full run (CUDA, DiT-T/S on CIFAR-10, about 6 minutes with n = 2000)::
 
     python scripts/guidance_sweep.py --ckpt runs/dit_cifar/checkpoints/latest --out out/guidance
 
-``--smoke`` (CPU, under a minute): a tiny untrained DiT on the digits data, n = 16, pixel-space
-features and no classifier, only to exercise every code path.
+``--smoke`` (CPU, under a minute): a tiny random DiT shaped like the digits data
+(``difftools.testing``), n = 16, pooled-pixel features (``fd_pixels4x4``) and no classifier, only to
+exercise every code path.
 """
 
 from __future__ import annotations
@@ -28,16 +30,23 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from PIL import Image
 
-from samplers import ModelFn, sample
-from samplers.guidance import guided
+import difftools
+from difftools.data import build_dataset
+from difftools.generate import SampleSpec, generate_uint8
+from difftools.images import float_to_uint8, uint8_to_float
+from difftools.metrics.classifier import class_accuracy
+from difftools.metrics.distances import fd
+from difftools.metrics.evaluate import build_features
+from difftools.metrics.features import ClassifierFeatures, PixelFeatures
+from difftools.metrics.stats import compute_stats
+from difftools.testing import smoke_run
 
 METHODS = (("cfg", {}), ("apg", {}), ("cfg_zero_star", {}))
 
 
-# ------------------------------------------------------------------ statistics
 def saturation_stats(x: torch.Tensor) -> dict:
     """Mean HSV saturation (RGB; 0 for grey images) and pixel mean / std of images in [-1, 1]."""
     img = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
@@ -49,164 +58,78 @@ def saturation_stats(x: torch.Tensor) -> dict:
     return {"saturation": sat, "pixel_mean": img.mean().item(), "pixel_std": img.std().item()}
 
 
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."""
-    from difftools.metrics.fid import fd, gaussian_fit
-
-    return fd(gaussian_fit(a), gaussian_fit(b))
-
-
-class Scorer:
-    """Features + class accuracy; pixel features (4x4 average-pooled) when no classifier is given."""
-
-    def __init__(self, classifier=None):
-        self.clf = classifier
-        self.name = f"fd_{classifier.name}" if classifier is not None else "fd_pixels4x4"
-
-    def features(self, x: torch.Tensor) -> np.ndarray:
-        if self.clf is None:
-            pooled = torch.nn.functional.adaptive_avg_pool2d(x.float().cpu(), 4)
-            return pooled.flatten(1).double().numpy()
-        from difftools.metrics.fid import float_to_uint8
-        with torch.no_grad():
-            return self.clf.extract(float_to_uint8(x).to(self.clf.device)).double().cpu().numpy()
-
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        if self.clf is None:
-            return float("nan")
-        from difftools.metrics.classifier import class_accuracy
-        from difftools.metrics.fid import float_to_uint8
-        return class_accuracy(self.clf, float_to_uint8(x), y.cpu())
+def data_images(ds, n: int, seed: int = 0) -> torch.Tensor:
+    """n training images (a seeded random subset) as uint8."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return float_to_uint8(torch.stack([ds[i][0] for i in idx]))
 
 
-# ------------------------------------------------------------------ model
-def smoke_model(device):
-    """A tiny untrained DiT on digits (16 px, grey) with a VP process: exercises the code paths."""
-    from difftools.data import build_dataset
-    from difftools.models.dit import DiT
-    from difftools.process import VP
-    torch.manual_seed(0)
-    net = DiT(input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2,
-              num_classes=10).to(device).eval()
-    ds = build_dataset("digits", split="train", image_size=16)
-    return net, VP(), "eps", None, ds
-
-
-def load_model(ckpt: str, device):
-    import difftools
-    from difftools.data import build_dataset
-    from difftools.metrics.evaluate import dataset_of
-    loaded = difftools.load(ckpt, device=device)
-    name, size, _ = dataset_of(loaded)
-    ds = build_dataset(name, split="train", image_size=size)
-    return loaded.model.to(device).eval(), loaded.process, loaded.prediction, loaded.autoencoder, ds
-
-
-def data_tensor(ds, n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds), generator=g)[:n].tolist()
-    return torch.stack([ds[i][0] for i in idx])
-
-
-# ------------------------------------------------------------------ sweep
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.smoke:
-        net, process, prediction, ae, ds = smoke_model(device)
-    else:
-        net, process, prediction, ae, ds = load_model(args.ckpt, device)
-    num_classes = getattr(net, "num_classes", 10)
-    null = getattr(net, "null_class", num_classes)
-    clf = None
-    if args.features:
-        from difftools.metrics.features import build_extractor
-        clf = build_extractor(args.features, device=device)
-    elif not args.smoke:
-        from difftools.metrics.classifier import default_classifier
-        clf = default_classifier(ds.info.name, ds.info.image_size, device=device)
-    scorer = Scorer(clf)
-
-    def net_fn(x, t, y=None):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return net(x, t, y=y).float()
-
-    mf = ModelFn(net_fn, process, prediction)
+    loaded = smoke_run("vp", device=device) if args.smoke else difftools.load(args.ckpt, device=device)
+    dataset, size, root = loaded.reference_dataset()
     n = args.n
-    latent_ch = ae.latent_channels if ae is not None else ds.info.channels
-    size = ds.info.image_size // (ae.downsample if ae is not None else 1)
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(n, latent_ch, size, size, generator=g).to(device)
-    labels = (torch.arange(n) % num_classes).to(device)
-    uncond = {"y": torch.full_like(labels, null)}
+    data = data_images(build_dataset(dataset, root=root, split="train", image_size=size), n, seed=args.seed)
+    if args.smoke and not args.features:
+        extractor = PixelFeatures(channels=data.shape[1])
+    else:
+        extractor = build_features(args.features or "classifier", dataset, size, device=device, root=root)
+    data_feats = compute_stats(data, extractor)
 
-    data = data_tensor(ds, n, seed=args.seed)
-    data_feats = scorer.features(data.to(device))
-    data_stats = saturation_stats(data)
-
-    def decode(z):
-        return ae.decode(z).clamp(-1, 1) if ae is not None else z.clamp(-1, 1)
-
-    def draw(model_fn, steps, **opts):
-        out = []
-        model_fn.reset()
-        for i in range(0, n, args.batch):
-            with torch.no_grad():
-                z = sample(model_fn, noise[i:i + args.batch], solver=args.solver, steps=steps,
-                           y=labels[i:i + args.batch], **opts)
-            out.append(decode(z).float())
-        return torch.cat(out), model_fn.nfe / math.ceil(n / args.batch)
+    def draw(steps: int, kind: str = "cfg", w: float = 1.0, **opts):
+        spec = SampleSpec(sampler=args.solver, steps=steps, guidance=kind, guidance_scale=w,
+                          sampler_opts=opts, seed=args.seed, t_end=1e-3, denoise_final=False).validate()
+        return generate_uint8(loaded, range(n), spec, args.batch, device)
 
     rows, grids = [], {}
 
-    def score(name, w, steps, x, nfe, extra=""):
+    def score(name, w, steps, drawn, extra=""):
+        images, labels, nfe = drawn
+        acc = (class_accuracy(extractor, images, labels)
+               if isinstance(extractor, ClassifierFeatures) and labels is not None else float("nan"))
         row = {"method": name, "w": w, "steps": steps, "nfe": nfe, "extra": extra,
-               scorer.name: frechet(scorer.features(x.to(device)), data_feats),
-               "class_acc": scorer.accuracy(x, labels), **saturation_stats(x)}
+               extractor.metric: fd(compute_stats(images, extractor), data_feats),
+               "class_acc": acc, **saturation_stats(uint8_to_float(images))}
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        return images
 
     t0 = time.time()
-    x, nfe = draw(mf, args.steps[0])
-    score("none", 1.0, args.steps[0], x, nfe)
+    score("none", 1.0, args.steps[0], draw(args.steps[0]))
     for steps in args.steps:
         for kind, opts in METHODS:
             for w in args.scales:
-                gm = guided(mf, kind, w, uncond, **opts)
-                x, nfe = draw(gm, steps)
-                score(kind, w, steps, x, nfe)
+                images = score(kind, w, steps, draw(steps, kind, w, **opts))
                 if steps == args.steps[0]:
-                    grids[(kind, w)] = x[: args.grid_cols].cpu()
+                    grids[(kind, w)] = uint8_to_float(images[: args.grid_cols])
     # LML vs no LML at equal NFE (CFG w = 3)
     for total in args.steps:
         half = max(total // 2, 1)
-        gm = guided(mf, "cfg", 3.0, uncond)
-        x, nfe = draw(gm, total)
-        score("cfg", 3.0, total, x, nfe, "no corrector")
-        x, nfe = draw(gm, half, lml=dict(n_steps=1, step=args.lml_step, lamb=math.inf))
-        score("cfg", 3.0, half, x, nfe, f"first-order Langevin step={args.lml_step}")
-        x, nfe = draw(gm, half, lml=dict(n_steps=1, step=args.lml_step, lamb=args.lml_lamb))
-        score("cfg", 3.0, half, x, nfe, f"LML step={args.lml_step} lamb={args.lml_lamb}")
+        score("cfg", 3.0, total, draw(total, "cfg", 3.0), "no corrector")
+        lml = dict(n_steps=1, step=args.lml_step, lamb=math.inf)
+        score("cfg", 3.0, half, draw(half, "cfg", 3.0, lml=lml), f"first-order Langevin step={args.lml_step}")
+        lml = dict(n_steps=1, step=args.lml_step, lamb=args.lml_lamb)
+        extra = f"LML step={args.lml_step} lamb={args.lml_lamb}"
+        score("cfg", 3.0, half, draw(half, "cfg", 3.0, lml=lml), extra)
     elapsed = time.time() - t0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_grid(grids, args.scales, out / "grids.png")
     protocol = {"solver": args.solver, "n": n, "seed": args.seed, "device": str(device),
-                "ckpt": args.ckpt, "features": scorer.name, "data_stats": data_stats,
+                "ckpt": args.ckpt, "features": extractor.metric,
+                "data_stats": saturation_stats(uint8_to_float(data)),
                 "seconds": round(elapsed, 1), "smoke": args.smoke}
     (out / "guidance.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
-    (out / "guidance.md").write_text(markdown(rows, protocol, scorer.name))
+    (out / "guidance.md").write_text(markdown(rows, protocol, extractor.metric))
     print(f"wrote {out}/guidance.md, guidance.json, grids.png in {elapsed:.1f} s")
     return {"protocol": protocol, "rows": rows}
 
 
 def write_grid(grids: dict, scales, path: Path) -> None:
-    from PIL import Image
-
-    from difftools.metrics.fid import float_to_uint8
     blocks = []
     for kind, _ in METHODS:
         rows = [torch.cat(list(grids[(kind, w)]), dim=-1) for w in scales]   # [C, H, cols*W]
@@ -234,7 +157,7 @@ def markdown(rows, protocol, fd_name) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="class-conditional DiT checkpoint directory (difftools.load)")
     p.add_argument("--out", required=True)
@@ -258,7 +181,11 @@ def main(argv=None):
         p.error("--ckpt is required unless --smoke")
     args.n = args.n or 2000
     args.grid_cols = min(args.grid_cols, args.n)
-    return run(args)
+    return args
+
+
+def main(argv=None):
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

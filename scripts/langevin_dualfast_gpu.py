@@ -211,7 +211,7 @@ def markdown(rows, protocol) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint directory (difftools.load); --smoke: default a tiny random DiT")
     p.add_argument("--features", default="inception", help="'inception' or a metric classifier directory")
@@ -243,7 +243,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict:
-    return run(parse(argv))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ not depend on batch size or GPU count), and writes to ``out`` (default Hydra's r
 * ``metrics.json``: per feature space the distance to the training set (``fd_<classifier>``, or
   ``fid`` with Inception weights) with KID, n and protocol; class accuracy; NFE; sampler settings;
   seconds and images/s.
+
+The training set's statistics come from the dataset (computed once, cached), or from statistics
+files (``metrics.stats_files=[ref.npz]``, written by ``scripts/fid.py --save-stats``, one per
+feature space), in which case the dataset's files are not needed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,18 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from difftools.checkpoint import CheckpointError, load, resolve_checkpoint
+from difftools.config import check_node
+from difftools.generate import SampleSpec, generate_uint8
+from difftools.metrics.evaluate import evaluate_samples
+from difftools.training.grid import save_grid
+from samplers.schedule import SolverSchedule
 
 # The types of conf/sample.yaml's keys: checked before any work, so `steps=abc` or
 # `metrics.features=classifier` (a string, not a list) is a ConfigError naming key, value and type.
@@ -40,7 +55,7 @@ SAMPLE_SCHEMA = {
     "save": {"png": bool, "npz": bool, "grid": bool, "grid_size": int},
     "metrics": {"enabled": bool, "features": list[str], "reference_split": str, "kid": bool,
                 "inception_weights": str | None, "allow_download": bool, "dataset": str | None,
-                "image_size": int | None, "data_root": str | None},
+                "image_size": int | None, "data_root": str | None, "stats_files": list[str]},
     "progress": bool,
 }
 
@@ -48,8 +63,6 @@ SAMPLE_SCHEMA = {
 def check_config(cfg: DictConfig) -> None:
     """Raise difftools.config.ConfigError on the first value of the wrong type (keys this schema
     does not know are left to Hydra, which already refuses unknown overrides)."""
-    from difftools.config import check_node
-
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     check_node(container, SAMPLE_SCHEMA, choices={"precision": ("bf16", "fp32")}, allow_unknown=True)
 
@@ -60,21 +73,15 @@ def shard_indices(num_samples: int, rank: int, world: int) -> list[int]:
 
 
 def write_png(folder: Path, indices: list[int], images: torch.Tensor) -> None:
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in zip(indices, images.permute(0, 2, 3, 1).numpy(), strict=False):
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
 
 
-def build_spec(cfg: DictConfig):
-    from difftools.metrics.generate import SampleSpec
-
+def build_spec(cfg: DictConfig) -> SampleSpec:
     sampler, steps = str(cfg.sampler), int(cfg.steps)
     sampler_opts = OmegaConf.to_container(cfg.sampler_opts, resolve=True)
     if cfg.get("schedule_file"):  # a searched S³ schedule (scripts/search_schedule.py): usf on its own grid
-        from samplers.search import SolverSchedule
-
         sched = SolverSchedule.load(cfg.schedule_file)
         sampler, steps, sampler_opts = "usf", sched.steps, {**sampler_opts, **sched.sample_kwargs()}
     return SampleSpec(
@@ -91,15 +98,19 @@ def build_spec(cfg: DictConfig):
     ).validate()
 
 
+def merge_shards(out: Path, state: PartialState, labels) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+    """On the main process: every process's shard file back in index order (and deleted)."""
+    parts = [torch.load(out / f".shard_{r}.pt", weights_only=True) for r in range(state.num_processes)]
+    order = torch.cat([p["indices"] for p in parts]).argsort()
+    images = torch.cat([p["images"] for p in parts])[order]
+    labels = None if labels is None else torch.cat([p["labels"] for p in parts])[order]
+    for r in range(state.num_processes):
+        (out / f".shard_{r}.pt").unlink()
+    return images, labels, [p["seconds"] for p in parts]
+
+
 def run(cfg: DictConfig, out: str | Path) -> dict | None:
     """Everything but Hydra: sample this process's shard, merge on the main process, score, write."""
-    from accelerate import PartialState
-
-    from difftools.checkpoint import load, resolve_checkpoint
-    from difftools.metrics.evaluate import build_features, dataset_of, score
-    from difftools.metrics.fid import reference_stats
-    from difftools.metrics.generate import generate_uint8
-
     check_config(cfg)  # wrong types: fail before any work
     spec = build_spec(cfg)  # unknown sampler, steps < 1: fail before any work
     ckpt = resolve_checkpoint(cfg.ckpt)
@@ -110,8 +121,6 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     out = Path(out)
     loaded = load(ckpt, use_ema=True, device=device, verify=bool(cfg.get("verify_weights", True)))
     if cfg.get("schedule_file"):
-        from samplers.search import SolverSchedule
-
         SolverSchedule.load(cfg.schedule_file).check_process(loaded.process)
     mine = shard_indices(int(cfg.num_samples), state.process_index, state.num_processes)
     t0 = time.perf_counter()
@@ -123,23 +132,15 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     seconds = time.perf_counter() - t0
     if cfg.save.png:
         write_png(out / "images", mine, images)
-    shard = out / f".shard_{state.process_index}.pt"
     if state.num_processes > 1:
-        torch.save(
-            {"indices": torch.tensor(mine), "images": images, "labels": labels, "seconds": seconds}, shard
-        )
+        shard = {"indices": torch.tensor(mine), "images": images, "labels": labels, "seconds": seconds}
+        torch.save(shard, out / f".shard_{state.process_index}.pt")
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     seconds_all = [seconds]
-    if state.num_processes > 1:  # merge the shards back into index order
-        parts = [torch.load(out / f".shard_{r}.pt", weights_only=True) for r in range(state.num_processes)]
-        order = torch.cat([p["indices"] for p in parts]).argsort()
-        images = torch.cat([p["images"] for p in parts])[order]
-        labels = None if labels is None else torch.cat([p["labels"] for p in parts])[order]
-        seconds_all = [p["seconds"] for p in parts]
-        for r in range(state.num_processes):
-            (out / f".shard_{r}.pt").unlink()
+    if state.num_processes > 1:
+        images, labels, seconds_all = merge_shards(out, state, labels)
     n = len(images)
     files = ["metrics.json"]
     if cfg.save.npz:
@@ -151,10 +152,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
         )
         files.append("samples.npz")
     if cfg.save.grid:
-        from difftools.training.grid import save_grid
-
-        k = min(int(cfg.save.grid_size), n)
-        classes = getattr(loaded.model, "num_classes", 0)
+        k, classes = min(int(cfg.save.grid_size), n), loaded.num_classes
         nrow = classes if classes and cfg.class_label is None and k >= classes else max(int(math.sqrt(k)), 1)
         save_grid(images[:k].float() / 127.5 - 1, out / "grid.png", nrow=nrow)
         files.append("grid.png")
@@ -179,32 +177,19 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     m = cfg.metrics
     if m.enabled:
         if m.dataset:
-            dataset, size, root = str(m.dataset), m.image_size or loaded.model.input_size, m.data_root
+            dataset, size, root = str(m.dataset), m.image_size or images.shape[-1], m.data_root
         else:
-            dataset, size, data_cfg = dataset_of(loaded)
-            size, root = m.image_size or size, m.data_root or data_cfg.get("root")
+            dataset, size, root = loaded.reference_dataset()
+            size, root = m.image_size or size, m.data_root or root
         rec["reference"] = f"{dataset}/{m.reference_split}/{size}px"
-        for feats in m.features:
-            ext = build_features(
-                str(feats),
-                dataset,
-                int(size),
-                device=device,
-                root=root,
-                weights=m.inception_weights,
-                allow_download=bool(m.allow_download),
-            )
-            ref = reference_stats(
-                dataset,
-                ext,
-                split=str(m.reference_split),
-                image_size=int(size),
-                root=root,
-                progress=bool(cfg.progress),
-            )
-            s = score(images, labels, ext, ref, with_kid=bool(m.kid), name=str(out))
-            rec["metrics"][s["metric"]] = s
-            rec[s["metric"]] = s[s["metric"]]
+        rec["metrics"] = evaluate_samples(
+            images, labels, dataset, int(size), features=[str(f) for f in m.features],
+            split=str(m.reference_split), root=root, stats_files=list(m.get("stats_files") or []),
+            with_kid=bool(m.kid), device=device, inception_weights=m.inception_weights,
+            allow_download=bool(m.allow_download), progress=bool(cfg.progress), name=str(out),
+        )
+        for metric, s in rec["metrics"].items():
+            rec[metric] = s[metric]
             if s["class_accuracy"] is not None and rec["class_accuracy"] is None:
                 rec["class_accuracy"] = s["class_accuracy"]
                 rec["class_accuracy_classifier"] = s["protocol"].get("classifier")
@@ -217,12 +202,6 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-    from hydra.core.hydra_config import HydraConfig
-
-    from difftools.checkpoint import CheckpointError
-
     PartialState()  # set up the process group (under accelerate launch) before broadcasting
     try:
         # every process writes into the main process's folder (Hydra's timestamp may differ per process)

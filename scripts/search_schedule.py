@@ -6,8 +6,8 @@
     python scripts/search_schedule.py --smoke --out /tmp/s3_smoke          # CPU, < 1 min, tiny random DiT
 
 Liu et al., arXiv 2312.07243 (USF / S³). Calibration: ``--n-calib`` class-balanced samples (label i
-mod num_classes) from fixed per-image noise (seed ``--seed``, as ``difftools.metrics.generate``
-draws it); every candidate starts from the same noise. Score (lower is better):
+mod num_classes) from fixed per-image noise (seed ``--seed``, as ``difftools.generate`` draws it);
+every candidate starts from the same noise. Score (lower is better):
 
 * ``ref``: RMSE to a high-NFE reference solution (``--ref-solver`` with ``--ref-steps`` steps) from
   the same noise (distance to the teacher ODE solution);
@@ -18,7 +18,8 @@ Generation 0 holds DDIM, DPM-Solver++(2M/3M) and UniPC-bh2 at this NFE (logSNR g
 is never worse than them on the calibration score. Held-out evaluation (noise seed ``--heldout-seed``):
 reference RMSE on ``--n-heldout`` samples and, when the dataset's metric classifier is cached or can
 be trained, fd_<classifier> to the training set + class accuracy of ``--n-eval`` samples, for each
-baseline, the searched schedule and the reference solver itself. Writes to ``--out``:
+baseline, the searched schedule and the reference solver itself (``--stats FILE``: the training set's
+statistics from a ``scripts/fid.py --save-stats`` file instead of the dataset). Writes to ``--out``:
 ``schedule.json`` (``scripts/sample.py schedule_file=...`` or ``SolverSchedule.load``),
 ``results.json``, ``results.md`` and ``grid.png`` (rows: baselines, searched, reference; one class per
 column). NFE = the solver's evaluations from t = 1 to ``--t-end`` (no final denoising evaluation).
@@ -34,11 +35,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.mixture, for --mixture
 
-from difftools.metrics.generate import image_noise  # noqa: E402
+import difftools  # noqa: E402
+from difftools.checkpoint import CheckpointError  # noqa: E402
+from difftools.files import write_text_atomic  # noqa: E402
+from difftools.generate import initial_noise  # noqa: E402
+from difftools.metrics.classifier import class_accuracy, default_classifier  # noqa: E402
+from difftools.metrics.distances import fd  # noqa: E402
+from difftools.metrics.evaluate import reference_for  # noqa: E402
+from difftools.metrics.features import ClassifierFeatures, PixelFeatures  # noqa: E402
+from difftools.metrics.stats import compute_stats  # noqa: E402
+from difftools.process import VP, Flow, as_time  # noqa: E402
+from difftools.testing import smoke_run  # noqa: E402
+from difftools.training.grid import save_grid  # noqa: E402
 from samplers import ModelFn, sample  # noqa: E402
-from samplers.atomic import write_text_atomic  # noqa: E402
 from samplers.search import (  # noqa: E402
     BASELINES,
     ReferenceScore,
@@ -47,96 +58,49 @@ from samplers.search import (  # noqa: E402
     reference_score,
     search,
 )
+from tests.mixture import make_mixture  # noqa: E402
 
 
-class Setup:
-    """The model as a ModelFn, its sample shape, decoder, classes, and the metric's feature space."""
+def load_run(args):
+    """The model as a loaded run (the smoke run: a perturbed tiny DiT, so solvers differ)."""
+    return smoke_run("flow", perturb=0.1) if args.smoke else difftools.load(args.ckpt, device="cpu")
 
-    def __init__(self, args):
-        if args.smoke:
-            from difftools.models.dit import DiT
-            from difftools.process import Flow
 
-            torch.manual_seed(0)
-            net = DiT(
-                input_size=8,
-                in_channels=3,
-                patch_size=2,
-                hidden_size=32,
-                depth=2,
-                num_heads=2,
-                num_classes=10,
-            ).eval()
-            with torch.no_grad():  # DiT's zero-initialised output layer would make every solver agree
-                for prm in net.parameters():
-                    prm.normal_(0.0, 0.1)
-            self.model, self.process, self.prediction, self.decode = net, Flow(), "flow", (lambda z: z)
-            self.shape, self.num_classes, self.dataset, self.image_size = (3, 8, 8), 10, None, 8
-        else:
-            import difftools
-            from difftools.metrics.evaluate import dataset_of
+def inputs(run, seed: int, n: int) -> tuple[torch.Tensor, dict]:
+    """x_T and conditioning of images 0..n-1 at ``seed`` (scripts/sample.py's images at that seed)."""
+    return initial_noise(run, seed, range(n)), run.cond(run.labels(n))
 
-            loaded = difftools.load(args.ckpt, device="cpu")
-            self.model, self.process, self.prediction = loaded.model.eval(), loaded.process, loaded.prediction
-            ae = loaded.autoencoder
-            self.decode = (lambda z: ae.decode(z)) if ae is not None else (lambda z: z)
-            self.shape = (self.model.in_channels, self.model.input_size, self.model.input_size)
-            info = loaded.dataset_info or {}
-            self.num_classes = int(info.get("num_classes", getattr(self.model, "num_classes", 0) or 0))
-            self.dataset, self.image_size, _ = dataset_of(loaded)
-            self.checkpoint = str(loaded.path)
-        model = self.model
-        self.mf = ModelFn(lambda x, t, **c: model(x, t, **c), self.process, self.prediction)
-        self.extractor, self.ref_stats = None, None
 
-    def inputs(self, seed: int, n: int) -> tuple[torch.Tensor, dict]:
-        x_T = float(self.process.sigma(torch.tensor(1.0))) * image_noise(seed, range(n), self.shape)
-        cond = {"y": torch.arange(n) % self.num_classes} if self.num_classes else {}
-        return x_T, cond
+class Metric:
+    """Fréchet distance to the training set in one feature space, and class accuracy."""
 
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        from difftools.metrics.fid import float_to_uint8
+    def __init__(self, extractor, reference):
+        self.extractor, self.reference, self.name = extractor, reference, extractor.metric
 
-        with torch.no_grad():
-            return float_to_uint8(self.decode(x).float().clamp(-1, 1))
+    def frechet(self, images: torch.Tensor) -> float:
+        return fd(compute_stats(images, self.extractor), self.reference)
 
-    def load_metric(self, smoke: bool, log=print) -> bool:
-        """The dataset's metric classifier + training-set statistics; False when unavailable."""
-        if smoke:
-            proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(0))
-            self.extractor = lambda imgs: imgs.float().flatten(1) @ proj / 100.0
-            self.metric = "fd_random_projection"
-            return True
-        try:
-            from difftools.metrics.classifier import default_classifier
-            from difftools.metrics.fid import reference_stats
-
-            self.extractor = default_classifier(self.dataset, self.image_size, log=log)
-            self.ref_stats = reference_stats(
-                self.dataset, self.extractor, split="train", image_size=self.image_size
-            )
-            self.metric = self.extractor.metric
-            return True
-        except (FileNotFoundError, ValueError, OSError) as err:
-            log(f"no metric classifier for {self.dataset}: {err}; reporting reference RMSE only")
-            return False
-
-    def frechet(self, images: torch.Tensor, reference_images: torch.Tensor | None = None) -> float:
-        """fd to the training set (smoke: to ``reference_images``)."""
-        from difftools.metrics.fid import fd, gaussian_fit
-
-        feats = self.extractor(images).double().numpy()
-        if self.ref_stats is None:
-            return fd(gaussian_fit(feats), gaussian_fit(self.extractor(reference_images).double().numpy()))
-        return fd(gaussian_fit(feats), self.ref_stats)
-
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
-        from difftools.metrics.classifier import class_accuracy
-        from difftools.metrics.features import ClassifierFeatures
-
-        if not self.num_classes or not isinstance(self.extractor, ClassifierFeatures):
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+        if labels is None or not isinstance(self.extractor, ClassifierFeatures):
             return None
         return class_accuracy(self.extractor, images, labels)
+
+
+def load_metric(run, args, log=print) -> Metric | None:
+    """The dataset's metric classifier (smoke: pooled pixels) and the training set's statistics; None
+    when they are not available."""
+    try:
+        dataset, size, root = run.reference_dataset()
+        if args.smoke:
+            extractor = PixelFeatures(channels=run.sample_shape[0])
+        else:
+            extractor = default_classifier(dataset, size, root=root, log=log)
+        cache = args.out / "cache" if args.smoke else None  # smoke runs leave the user's cache alone
+        reference = reference_for(extractor, dataset, size, "train", root, args.stats or (), cache)
+        return Metric(extractor, reference)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        log(f"no metric for {run.name}: {err}; reporting reference RMSE only")
+        return None
 
 
 def run_batched(fn, x_T: torch.Tensor, cond: dict, batch: int) -> torch.Tensor:
@@ -155,8 +119,6 @@ def draw(sched, mf, x_T: torch.Tensor, cond: dict, batch: int) -> torch.Tensor:
 def mixture_table(args) -> None:
     """The harness of tests/test_search.py (4-D, 4-component Gaussian mixture, exact and "blurred"
     denoisers, VP and Flow): RMSE to the exact ODE solution (scipy DOP853) on held-out noise."""
-    from difftools.process import VP, Flow, as_time
-    from tests.mixture import make_mixture
 
     def blurred(mix, process, blur=0.05):
         # posterior mean at sigma_eff^2 = sigma^2 + (blur alpha)^2: a model error growing toward t = 0
@@ -223,7 +185,7 @@ def mixture_table(args) -> None:
     print("\n".join(md))
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=str, help="difftools checkpoint or run dir (difftools.load)")
     ap.add_argument("--nfe", type=int, default=5)
@@ -238,6 +200,8 @@ def main():
     ap.add_argument("--heldout-seed", type=int, default=1)
     ap.add_argument("--n-heldout", type=int, default=256, help="held-out samples for the reference RMSE")
     ap.add_argument("--n-eval", type=int, default=1000, help="held-out samples for fd + class accuracy")
+    ap.add_argument("--stats", nargs="+", default=None,
+                    help="statistics files (scripts/fid.py --save-stats) instead of the dataset")
     ap.add_argument("--no-implicit", action="store_true", help="leave implicit correctors out of the space")
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -248,38 +212,42 @@ def main():
     )
     ap.add_argument("--nfes", type=str, default="4,5,6", help="with --mixture")
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
-    if args.mixture:
-        torch.set_num_threads(args.threads)
-        return mixture_table(args)
+    args = ap.parse_args(argv)
     if args.smoke:
         args.budget, args.n_calib, args.n_heldout, args.n_eval, args.ref_steps = 40, 32, 32, 64, 10
         args.nfe = min(args.nfe, 4)
-    elif not args.ckpt:
-        ap.error("--ckpt is required (or --smoke)")
+    elif not args.ckpt and not args.mixture:
+        ap.error("--ckpt is required (or --smoke, or --mixture)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.mixture:
+        return mixture_table(args)
     t_all = time.time()
     log = print
-    setup = Setup(args)
-    has_metric = setup.load_metric(args.smoke, log)
-    if args.score == "fd" and not has_metric:
+    run = load_run(args)
+    metric = load_metric(run, args, log)
+    if args.score == "fd" and metric is None:
         raise SystemExit("error: --score fd needs the dataset's metric classifier")
     ref_kw = dict(ref_solver=args.ref_solver, ref_steps=args.ref_steps, t_end=args.t_end)
-    mf = setup.mf
+    mf = run.model_fn()
+    checkpoint = str(run.path) if run.path is not None else "smoke (random DiT)"
 
     # ---- calibration + search
-    x_cal, cond_cal = setup.inputs(args.seed, args.n_calib)
+    x_cal, cond_cal = inputs(run, args.seed, args.n_calib)
     t0 = time.time()
     ref_cal = reference_score(mf, x_cal, cond_cal, **ref_kw)
-    ref_images_cal = setup.images(ref_cal.reference.float()) if args.score == "fd" else None
     if args.score == "ref":
         score_fn, score_name = ref_cal, f"RMSE to {args.ref_solver} x{args.ref_steps}"
     else:
 
         def score_fn(x):
-            return setup.frechet(setup.images(x), ref_images_cal)
+            return metric.frechet(run.decode_uint8(x))
 
-        score_name = f"{setup.metric} (n={args.n_calib})"
+        score_name = f"{metric.name} (n={args.n_calib})"
     cfg = SearchConfig(budget=args.budget, allow_implicit=not args.no_implicit)
     res = search(
         mf,
@@ -295,7 +263,7 @@ def main():
     search_seconds = time.time() - t0
     best = res.best
     best.info.update(
-        checkpoint=getattr(setup, "checkpoint", "smoke"),
+        checkpoint=checkpoint,
         score=res.best_score,
         score_name=score_name,
         n_calib=args.n_calib,
@@ -314,12 +282,12 @@ def main():
     # ---- held-out evaluation: one set of held-out noise; RMSE on its first n_heldout, fd + accuracy on
     # its first n_eval (image i of seed heldout_seed is scripts/sample.py's image i at seed=heldout_seed)
     schedules = {
-        name: baseline_schedule(setup.process, name, args.nfe, t_end=args.t_end) for name in BASELINES
+        name: baseline_schedule(run.process, name, args.nfe, t_end=args.t_end) for name in BASELINES
     }
     schedules["searched"] = best
     calib_scores = {**res.baselines, "searched": res.best_score}
-    n_ho = max(args.n_heldout, args.n_eval if has_metric else 0)
-    x_ho, cond_ho = setup.inputs(args.heldout_seed, n_ho)
+    n_ho = max(args.n_heldout, args.n_eval if metric else 0)
+    x_ho, cond_ho = inputs(run, args.heldout_seed, n_ho)
     teacher = f"{args.ref_solver} x{args.ref_steps} (reference)"
     samples = {
         teacher: run_batched(
@@ -342,30 +310,27 @@ def main():
             )
         )
     rows.append(dict(schedule=teacher, nfe=args.ref_steps, calib_score=None, heldout_rmse=0.0))
-    grid_rows = {name: setup.images(x[: max(setup.num_classes, 10)]) for name, x in samples.items()}
+    ncol = run.num_classes or 10
+    grid_rows = {name: run.decode_uint8(x[:ncol]) for name, x in samples.items()}
     grid_rows[teacher] = grid_rows.pop(teacher)  # last row
-    if has_metric:
+    if metric:
         labels = cond_ho["y"][: args.n_eval] if "y" in cond_ho else None
-        ref_imgs = setup.images(samples[teacher][: args.n_eval])
         for row in rows:
-            imgs = setup.images(samples[row["schedule"]][: args.n_eval])
+            imgs = run.decode_uint8(samples[row["schedule"]][: args.n_eval])
             row.update(
                 {
-                    setup.metric: setup.frechet(imgs, ref_imgs),
+                    metric.name: metric.frechet(imgs),
                     "n_eval": args.n_eval,
-                    "class_accuracy": setup.accuracy(imgs, labels) if labels is not None else None,
+                    "class_accuracy": metric.accuracy(imgs, labels),
                 }
             )
 
     # ---- outputs
-    from difftools.training.grid import save_grid
-
-    ncol = max(setup.num_classes, 1) if setup.num_classes else 10
     grid = torch.cat([imgs[:ncol] for imgs in grid_rows.values()])
     save_grid(grid.float() / 127.5 - 1, args.out / "grid.png", nrow=ncol)
     protocol = dict(
         command="python " + " ".join(sys.argv),
-        checkpoint=getattr(setup, "checkpoint", "smoke (random DiT)"),
+        checkpoint=checkpoint,
         nfe=args.nfe,
         budget=args.budget,
         evaluations=res.evaluations,
@@ -374,20 +339,20 @@ def main():
         search_seed=args.search_seed,
         heldout_seed=args.heldout_seed,
         n_heldout=args.n_heldout,
-        n_eval=args.n_eval if has_metric else None,
+        n_eval=args.n_eval if metric else None,
         score=score_name,
         reference=f"{args.ref_solver} with {args.ref_steps} steps (logSNR grid)",
         t_end=args.t_end,
         threads=args.threads,
         search_seconds=round(search_seconds, 1),
         seconds=round(time.time() - t_all, 1),
-        metric=setup.metric if has_metric else None,
-        fd_reference="the reference solver's samples (smoke)" if args.smoke else "the training set",
+        metric=metric.name if metric else None,
+        fd_reference=metric.reference.source if metric else None,
     )
     record = dict(protocol=protocol, rows=rows, history=res.history, schedule=best.to_dict())
     write_text_atomic(args.out / "results.json", json.dumps(record, indent=1, default=str))
-    write_text_atomic(args.out / "results.md", to_markdown(protocol, rows, best, has_metric))
-    print(to_markdown(protocol, rows, best, has_metric))
+    write_text_atomic(args.out / "results.md", to_markdown(protocol, rows, best, metric is not None))
+    print(to_markdown(protocol, rows, best, metric is not None))
 
 
 def to_markdown(protocol: dict, rows: list[dict], best, has_metric: bool) -> str:
@@ -437,8 +402,6 @@ def to_markdown(protocol: dict, rows: list[dict], best, has_metric: bool) -> str
 
 
 if __name__ == "__main__":
-    from difftools.checkpoint import CheckpointError
-
     try:
         main()
     except (CheckpointError, ValueError, FileNotFoundError) as err:

@@ -39,13 +39,16 @@ KNOWN_CYCLES: dict[tuple[str, str], str] = {}
 # Every samplers module is in the bottom layer; difftools.process re-exports samplers.process.
 LAYERS: list[tuple[str, ...]] = [
     ("samplers", "difftools.process"),
-    ("difftools.device", "difftools.config", "difftools.nn", "difftools.models"),
+    ("difftools.device", "difftools.config", "difftools.files", "difftools.images", "difftools.nn",
+     "difftools.models"),
     ("difftools.data",),
     ("difftools.losses",),
+    ("difftools.loaded", "difftools.generate"),  # a loaded run's API; sample generation
     ("difftools.training", "difftools.checkpoint"),
     ("difftools.interop",),  # conversions from / to other code bases: above models and checkpoint
     ("difftools.metrics",),
     ("difftools.rl", "difftools.discrete", "difftools.editing"),
+    ("difftools.testing", "difftools.benchmark"),  # tiny models for tests and smoke modes; bench harness
     ("difftools",),  # the package root: difftools.load
 ]
 

@@ -33,15 +33,13 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from difftools.checkpoint import save_checkpoint
     from difftools.data import build_dataset
     from difftools.losses import DenoisingLoss
-    from difftools.models.dit import DiT
     from difftools.process import Flow
+    from difftools.testing import tiny_dit
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ds = build_dataset("digits", split="train")
-    model = DiT(
-        input_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=10
-    )
+    model = tiny_dit(16, 1, 10).train()
     loss_fn = DenoisingLoss(Flow(), prediction="flow")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
@@ -126,7 +124,7 @@ def test_cli_writes_exactly_the_promised_files(tiny_ckpt, tmp_path):
 def test_same_seed_same_images_independent_of_batch_and_shards(tiny_ckpt, tmp_path):
     mod = load_script()
     from difftools.checkpoint import load
-    from difftools.metrics.generate import generate_uint8
+    from difftools.generate import generate_uint8
 
     outs = {}
     for name, over in {

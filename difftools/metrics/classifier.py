@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from difftools.checkpoint import save_checkpoint
 from difftools.data import build_dataset
-from difftools.metrics.features import ClassifierFeatures, cache_dir, default_device, load_classifier
-from difftools.metrics.fid import float_to_uint8
+from difftools.files import cache_dir
+from difftools.images import float_to_uint8
+from difftools.metrics.features import ClassifierFeatures, default_device, load_classifier
 from difftools.models.classifier import Classifier
 
 # Presets by dataset: small enough to train on the CPU for the embedded default, and ~1 minute on
@@ -232,17 +233,23 @@ def default_classifier(
     log=print,
 ) -> ClassifierFeatures:
     """The cached metric classifier of ``dataset`` at ``image_size``; trained (preset settings,
-    seed 0) and saved there first if it does not exist yet."""
-    train = build_dataset(dataset, root=root, split="train", image_size=image_size)
-    size = train.info.image_size
+    seed 0) and saved there first if it does not exist yet. With ``image_size`` given, a cached
+    classifier is loaded without building the dataset (its files need not be present)."""
+    train = None
+    if image_size is None:  # the dataset's own default size is known only from the dataset
+        train = build_dataset(dataset, root=root, split="train")
+        image_size = train.info.image_size
+    size = int(image_size)
     path = default_classifier_path(dataset, size, cache)
     if not (path / "config.yaml").is_file():
+        if train is None:
+            train = build_dataset(dataset, root=root, split="train", image_size=size)
         cfg = preset(dataset)
         info = train.info
         model = Classifier(
             info.channels, size, info.num_classes, cfg["widths"], cfg["depth"], name=f"clf_{dataset}{size}"
         )
-        test = build_dataset(dataset, root=root, split="test", image_size=image_size)
+        test = build_dataset(dataset, root=root, split="test", image_size=size)
         if log is not None:
             log(f"training the metric classifier for {dataset} ({size}px) -> {path}")
         res = fit_classifier(model, train, test, **fit_options(cfg), device=device, log=None)

@@ -1,40 +1,35 @@
 """Score samples of a trained run: ``fd_<classifier>`` (or FID) against the training set, KID, and the
 class accuracy of class-conditional samples, with n and the sampling protocol beside each number.
 
-``evaluate_checkpoint(ckpt)`` (alias ``evaluate_run``) is what ``train/dit.py`` calls at the end of
-a run (``eval.enabled=true``): it loads the EMA weights, draws class-balanced samples with
-per-image seeds (:mod:`difftools.metrics.generate`), and scores them in the feature space of the
-dataset's cached metric classifier (trained on the spot when missing, :func:`default_classifier`).
+* :func:`evaluate_samples` scores uint8 samples in several feature spaces (what scripts/sample.py
+  reports);
+* :func:`evaluate_checkpoint` (alias ``evaluate_run``) is what ``train/dit.py`` calls at the end of a
+  run (``eval.enabled=true``): it loads the EMA weights, draws class-balanced samples with per-image
+  seeds (:mod:`difftools.generate`) and scores them.
+
+The reference is the training set's statistics: computed from the dataset once and cached
+(:func:`~difftools.metrics.reference.reference_stats`), or read from statistics files given as
+``stats_files`` (``scripts/fid.py --save-stats``), in which case the dataset's files are not needed.
+The default feature space is the dataset's cached metric classifier (trained on the spot when
+missing, :func:`~difftools.metrics.classifier.default_classifier`).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from difftools.checkpoint import load
+from difftools.generate import SampleSpec, generate_uint8
 from difftools.metrics.classifier import class_accuracy, default_classifier
+from difftools.metrics.distances import result
 from difftools.metrics.features import ClassifierFeatures, FeatureExtractor, build_extractor, default_device
-from difftools.metrics.fid import Stats, compute_stats, reference_stats, result
-from difftools.metrics.generate import SampleSpec, generate_uint8
-
-
-def dataset_of(loaded) -> tuple[str, int, dict]:
-    """(dataset name, image size, data config) a checkpoint was trained on."""
-    info = loaded.dataset_info or {}
-    data_cfg = dict(loaded.config.get("data") or {})
-    name = info.get("name") or data_cfg.get("name")
-    size = info.get("image_size") or data_cfg.get("image_size")
-    if name and name.startswith("latents:"):  # cached latents of <source>: compare decoded images to it
-        name, size = name.split(":", 1)[1], int(size) * int(getattr(loaded.autoencoder, "downsample", 1))
-    if not name or name in ("latents", "image_folder") and not data_cfg.get("root"):
-        raise ValueError(
-            f"{loaded.path}: cannot tell which image dataset to compare against (dataset "
-            f"{name!r}); pass dataset=<name> (and image_size=) explicitly"
-        )
-    return name, int(size), data_cfg
+from difftools.metrics.reference import pick_reference, reference_stats
+from difftools.metrics.stats import Stats, compute_stats
 
 
 def build_features(
@@ -53,6 +48,26 @@ def build_features(
             cache=None if cache is None else Path(cache) / "classifiers",
         )
     return build_extractor(features, device=device, **inception_kw)
+
+
+def reference_for(
+    extractor: FeatureExtractor,
+    dataset: str,
+    image_size: int,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    stats_files: Sequence[str | os.PathLike] = (),
+    cache: str | Path | None = None,
+    progress: bool = False,
+) -> Stats:
+    """Reference statistics of ``dataset``/``split`` at ``image_size`` in ``extractor``'s feature space:
+    from ``stats_files`` when given (the one made with this extractor, checked against the dataset,
+    split and size; the dataset is not read), else from the dataset (:func:`reference_stats`, cached
+    in ``cache``/stats)."""
+    if stats_files:
+        return pick_reference(stats_files, extractor, dataset, split, image_size)
+    return reference_stats(dataset, extractor, split=split, image_size=image_size, root=root,
+                           cache=None if cache is None else Path(cache) / "stats", progress=progress)
 
 
 def score(
@@ -87,6 +102,38 @@ def score(
     }
 
 
+def evaluate_samples(
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    dataset: str,
+    image_size: int,
+    features: Sequence = ("classifier",),
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    stats_files: Sequence[str | os.PathLike] = (),
+    with_kid: bool = True,
+    device=None,
+    inception_weights: str | os.PathLike | None = None,
+    allow_download: bool = False,
+    cache: str | Path | None = None,
+    progress: bool = False,
+    name: str = "samples",
+    log=print,
+) -> dict[str, dict]:
+    """Score uint8 ``images`` (with the ``labels`` they were drawn for) in every feature space of
+    ``features`` (``"classifier"``, ``"inception"``, a classifier checkpoint directory or an
+    extractor) against ``dataset``/``split`` at ``image_size`` (:func:`reference_for`): ``{metric:
+    score dict}`` (:func:`score`)."""
+    scores = {}
+    for spec in features:
+        ext = build_features(spec, dataset, image_size, device=device, cache=cache, root=root, log=log,
+                             weights=inception_weights, allow_download=allow_download)
+        ref = reference_for(ext, dataset, image_size, split, root, stats_files, cache, progress)
+        s = score(images, labels, ext, ref, with_kid=with_kid, name=name)
+        scores[s["metric"]] = s
+    return scores
+
+
 def evaluate_checkpoint(
     checkpoint,
     num_samples: int = 1000,
@@ -102,6 +149,7 @@ def evaluate_checkpoint(
     dataset: str | None = None,
     image_size: int | None = None,
     data_root: str | None = None,
+    stats_files: Sequence[str | os.PathLike] = (),
     device=None,
     cache: str | Path | None = None,
     with_kid: bool = True,
@@ -109,7 +157,9 @@ def evaluate_checkpoint(
     log=print,
     **sampler_opts,
 ) -> dict:
-    """Sample ``num_samples`` class-balanced images from ``checkpoint`` (EMA weights) and score them.
+    """Sample ``num_samples`` class-balanced images from ``checkpoint`` (EMA weights) and score them
+    against ``reference_split`` of the run's dataset, or against ``stats_files`` (then the dataset's
+    files need not be present).
 
     Returns the :func:`score` dict plus ``nfe``, ``sampling`` (the :class:`SampleSpec`),
     ``sampling_seconds``, ``images_per_second``, ``reference`` and ``checkpoint``."""
@@ -124,25 +174,18 @@ def evaluate_checkpoint(
         sampler_opts=sampler_opts,
         precision=precision,
     ).validate()
-    loaded = load(checkpoint, use_ema=True, device=device)
+    run = load(checkpoint, use_ema=True, device=device)
     if dataset is None:
-        dataset, size, data_cfg = dataset_of(loaded)
+        dataset, size, root = run.reference_dataset()
         image_size = image_size or size
-        data_root = data_root or data_cfg.get("root")
+        data_root = data_root or root
     ext = build_features(features, dataset, image_size, device=device, cache=cache, root=data_root, log=log)
     t0 = time.perf_counter()
-    images, labels, nfe = generate_uint8(loaded, range(num_samples), spec, batch_size, device)
+    images, labels, nfe = generate_uint8(run, range(num_samples), spec, batch_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    ref = reference_stats(
-        dataset,
-        ext,
-        split=reference_split,
-        image_size=image_size,
-        root=data_root,
-        cache=None if cache is None else Path(cache) / "stats",
-    )
+    ref = reference_for(ext, dataset, image_size, reference_split, data_root, stats_files, cache)
     out = score(images, labels, ext, ref, with_kid)
     out.update(
         nfe=nfe,
@@ -150,7 +193,7 @@ def evaluate_checkpoint(
         sampling_seconds=seconds,
         images_per_second=num_samples / max(seconds, 1e-9),
         reference=f"{dataset}/{reference_split}/{image_size}px",
-        checkpoint=str(loaded.path),
+        checkpoint=str(run.path),
     )
     if log is not None:
         acc = out["class_accuracy"]

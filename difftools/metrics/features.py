@@ -29,13 +29,17 @@ import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import cleanfid.inception_pytorch as cleanfid_inception
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cleanfid.downloads_helper import check_download_inception
+from cleanfid.resize import build_resizer
 
-from difftools.checkpoint import EMA_FILE, CheckpointError, file_sha256, resolve_checkpoint
+from difftools.checkpoint import EMA_FILE, CheckpointError, resolve_checkpoint
 from difftools.checkpoint import load as load_checkpoint
 from difftools.device import default_device  # noqa: F401 (re-exported: metrics callers use it)
+from difftools.files import cache_dir, file_sha256
 from difftools.models.classifier import Classifier
 
 # pytorch-fid names its file with the first 8 hex digits of the file's sha256.
@@ -43,11 +47,6 @@ PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 PT_INCEPTION_SHA256_PREFIX = "6726825d"
 TS_INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_MODES = ("legacy_pytorch", "clean")
-
-
-def cache_dir() -> Path:
-    """Root of difftools' caches: ``$DIFFTOOLS_CACHE`` or ``~/.cache/difftools``."""
-    return Path(os.environ.get("DIFFTOOLS_CACHE", Path.home() / ".cache" / "difftools"))
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -141,12 +140,8 @@ def resolve_inception_weights(
         )
     default.parent.mkdir(parents=True, exist_ok=True)
     if mode == "legacy_pytorch":
-        from cleanfid.inception_pytorch import FID_WEIGHTS_URL
-
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(default))
+        torch.hub.download_url_to_file(cleanfid_inception.FID_WEIGHTS_URL, str(default))
     else:
-        from cleanfid.downloads_helper import check_download_inception
-
         check_download_inception(fpath=str(default.parent))
     return default
 
@@ -167,14 +162,12 @@ def cleanfid_local_state_dict(state_dict: dict):
     fetches weights only through that module's ``load_state_dict_from_url``; swapping that one
     name for the duration of construction keeps clean-fid's own architecture code and reads our
     local file, with no download."""
-    import cleanfid.inception_pytorch as ip
-
-    original = ip.load_state_dict_from_url
-    ip.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+    original = cleanfid_inception.load_state_dict_from_url
+    cleanfid_inception.load_state_dict_from_url = lambda *args, **kwargs: state_dict
     try:
         yield
     finally:
-        ip.load_state_dict_from_url = original
+        cleanfid_inception.load_state_dict_from_url = original
 
 
 class InceptionFeatures(FeatureExtractor):
@@ -215,14 +208,10 @@ class InceptionFeatures(FeatureExtractor):
         # one (e.g. the random test network) is reported under another name.
         self.name = "inception" if self.official is not False else "inception_unverified"
         if self.mode == "legacy_pytorch":
-            from cleanfid.inception_pytorch import InceptionV3
-
             state = torch.load(self.weights, map_location="cpu", weights_only=True)
             with cleanfid_local_state_dict(state):
-                self.net = InceptionV3(output_blocks=[3], resize_input=False)
+                self.net = cleanfid_inception.InceptionV3(output_blocks=[3], resize_input=False)
         else:
-            from cleanfid.resize import build_resizer
-
             self.net = torch.jit.load(str(self.weights), map_location="cpu")
             self.resize = build_resizer("clean")
         self.net = self.net.eval().to(self.device)
@@ -318,6 +307,7 @@ class ClassifierFeatures(FeatureExtractor):
             "classifier": self.path,
             "weights_sha256": self.sha256,
             "input": f"{self.net.in_channels}x{self.net.image_size}x{self.net.image_size} in [-1,1]",
+            "resize": f"torch bilinear, antialiased, to {self.net.image_size}px (only when the size differs)",
         }
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -337,6 +327,34 @@ class ClassifierFeatures(FeatureExtractor):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         with exact_fp32():
             return self.net(self.prepare(images.to(self.device))).float().cpu()
+
+
+class PixelFeatures(FeatureExtractor):
+    """Average-pooled pixels: each image (in [0, 1], its own channels) pooled to ``pool`` x ``pool``.
+
+    No network and no weights, so it is always available, and fast; but it measures only coarse
+    layout and colour, not sample quality. Meant for the ``--smoke`` modes and tests (``fd_pixels4x4``).
+    """
+
+    batch_size = 1024
+
+    def __init__(self, channels: int, pool: int = 4, device=None):
+        super().__init__(device)
+        self.channels, self.pool = int(channels), int(pool)
+        self.name = f"pixels{self.pool}x{self.pool}"
+        self.dim = self.channels * self.pool**2
+
+    def key(self) -> str:
+        return f"{self.name}-{self.channels}ch"
+
+    def protocol(self) -> dict:
+        return {"features": f"adaptive average pool to {self.pool}x{self.pool} of pixels / 255",
+                "dim": self.dim, "channels": self.channels}
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] != self.channels:
+            raise ValueError(f"{self.key()} takes {self.channels}-channel images, got {images.shape[1]}")
+        return F.adaptive_avg_pool2d(images.float() / 255, self.pool).flatten(1)
 
 
 def build_extractor(
