@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -167,7 +168,8 @@ def run(cfg: DictConfig) -> dict:
         "eval_images": min(tc["eval_images"], len(eval_set)),
         "steps": result.step,
         "stopped_by": result.stopped_by,
-        "final_loss": result.final_loss,
+        # NaN when nothing was left to train (a resume of a finished run); JSON has no NaN
+        "final_loss": result.final_loss if math.isfinite(result.final_loss) else None,
         "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
         "scaling_factor": scale,
         "shift_factor": shift,
