@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from difftools.data import CorruptDataError, ResumableSampler, build_dataset, build_loader
+from difftools.data import CorruptDataError, ResumableSampler, build_dataset, build_loader, take_subset
 from difftools.data.cifar10 import load_cifar_arrays
 from difftools.data.idx import read_idx
+from difftools.data.subset import subset_indices
 
 # ------------------------------------------------------------------------------------ digits
 
@@ -153,6 +154,12 @@ def test_cifar10_real_jpeg_npz(shared_data):
     torch.testing.assert_close(means, torch.tensor([0.4914, 0.4822, 0.4465]), atol=5e-3, rtol=0)
     test = build_dataset("cifar10", root=shared_data, split="test", random_flip=True)
     assert torch.bincount(test.labels).tolist() == [1000] * 10
+    # data.subset=half0 / half1 (reward and judge classifiers): two disjoint halves of the 50,000 images
+    halves = [take_subset(train, h) for h in ("half0", "half1")]
+    assert [len(h) for h in halves] == [25000, 25000]
+    both = torch.cat([h.subset_indices for h in halves])
+    assert torch.equal(both.sort().values, torch.arange(50000))
+    assert torch.equal(halves[1].images, train.images[halves[1].subset_indices])
     assert load_cifar_arrays(shared_data, "test")[0] is load_cifar_arrays(shared_data, "test")[0]  # cached
 
 
@@ -385,3 +392,58 @@ def test_sampler_state_validation():
         "epoch": 3,
         "index": 0,
     }
+
+
+# ----------------------------------------------------------------------------------- data.subset
+def test_subset_halves_are_disjoint_cover_the_split_and_never_change():
+    whole = build_dataset("digits", split="train")
+    h0, h1 = build_dataset("digits", subset="half0"), build_dataset("digits", subset="half1")
+    i0, i1 = h0.subset_indices, h1.subset_indices
+    assert (len(h0), len(h1)) == (718, 719) and len(set(i0.tolist()) & set(i1.tolist())) == 0
+    assert torch.equal(torch.cat([i0, i1]).sort().values, torch.arange(len(whole)))
+    # items are the whole split's items at those indices, in the split's order
+    assert torch.equal(i0, i0.sort().values)
+    assert torch.equal(h1.images, whole.images[i1]) and torch.equal(h1.labels, whole.labels[i1])
+    assert h0.info == whole.info and h0[5][1] == whole[int(i0[5])][1]
+    # fixed for good (hash order, not a library RNG): pinned for CIFAR-10's 50,000 training images
+    assert subset_indices(50000, "half0")[:8].tolist() == [3, 4, 7, 9, 10, 14, 15, 17]
+    assert torch.equal(build_dataset("digits", subset="half0").subset_indices, i0)
+    # another seed gives other halves; k/n parts of one seed partition the split too
+    assert not torch.equal(build_dataset("digits", subset="half0", subset_seed=1).subset_indices, i0)
+    parts = [subset_indices(10, f"{k}/3", seed=7) for k in range(3)]
+    assert sorted(len(p) for p in parts) == [3, 3, 4]
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(10))
+
+
+def test_subset_of_a_lazy_dataset_maps_flip_keys(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):  # six different images, none symmetric (a flip shows)
+            img = np.full((8, 8, 3), 40 * i + (100 if c == "b" else 0), np.uint8)
+            img[:, :3] = 255
+            Image.fromarray(img).save(tmp_path / c / f"{i}.png")
+    whole = build_dataset("image_folder", root=tmp_path, image_size=8, random_flip=True)
+    part = build_dataset("image_folder", root=tmp_path, image_size=8, random_flip=True, subset="1/2")
+    j = int(part.subset_indices[0])
+    assert len(part) == 3 and part.info == whole.info and part.random_flip
+    assert torch.equal(part[(0, True)][0], whole[(j, True)][0]) and part[0][1] == whole[j][1]
+    assert torch.equal(part[(0, False)][0], whole[(j, False)][0])
+    assert not torch.equal(part[(0, True)][0], part[(0, False)][0])
+
+
+@pytest.mark.parametrize("bad", ["half2", "3/3", "all", "1/0"])
+def test_a_bad_subset_names_the_key_and_the_choices(bad):
+    with pytest.raises(ValueError, match=rf"data\.subset='{re.escape(bad)}' .*half0 or half1.*k/n"):
+        build_dataset("digits", subset=bad)
+
+
+def test_subset_from_the_classifier_config():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("classifier", overrides=["data.subset=half1"])
+    train = instantiate(cfg.data, split="train")
+    assert len(train) == 719 and torch.equal(train.subset_indices, subset_indices(1437, "half1"))

@@ -6,6 +6,12 @@ Config: conf/classifier.yaml (data group shared with train/dit.py). The classifi
 (``kind: classifier``) and serves as the feature space of ``fd_<name>``, the class-accuracy
 metric of samples, and (``model.noise_conditional=true``) classifier guidance / rewards. Prints one
 JSON line: test accuracy, training seconds, images/s, checkpoint path.
+
+Training runs on the engine (:func:`difftools.metrics.classifier.fit_classifier`): the run directory
+holds ``checkpoints/`` (every ``train.ckpt_every`` steps and at the end), ``metrics.jsonl`` and
+``run.lock``; ``hydra.run.dir=<run> train.resume=auto`` continues an interrupted run exactly.
+``data.subset=half0`` / ``half1`` trains on one fixed half of the training split (the test split is
+always whole), e.g. a reward classifier and an independent judge.
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ def main(cfg: DictConfig) -> float:
     torch.manual_seed(int(cfg.seed))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     flip = bool(data_cfg.get("random_flip", False))
-    # flips are drawn per step by the trainer, not baked into the stored tensors
+    # flips are drawn per step by the trainer, not baked into the stored tensors; data.subset selects
+    # training images only: the reported accuracy is always on the whole test split
     train = instantiate(cfg.data, split="train", random_flip=False)
-    test = instantiate(cfg.data, split="test", random_flip=False)
+    test_cfg = {"subset": None} if "subset" in cfg.data else {}
+    test = instantiate(cfg.data, split="test", random_flip=False, **test_cfg)
     info = train.info
     p = preset(info.name)
     m, t = cfg.model, cfg.train
@@ -65,10 +73,13 @@ def main(cfg: DictConfig) -> float:
         shift=p["shift"] if t.shift is None else int(t.shift),
     )
     log.info("training %s on %s (%d images, %dpx): %s", name, info.name, len(train), info.image_size, hp)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     res = fit_classifier(
-        model, train, test, process=process, seed=int(cfg.seed), device=cfg.device, log=log.info, **hp
+        model, train, test, process=process, seed=int(cfg.seed), device=cfg.device, log=log.info,
+        run_dir=run_dir, resume=t.resume, ckpt_every=int(t.ckpt_every),
+        run_config=OmegaConf.to_container(cfg, resolve=True), **hp,
     )
-    out = Path(cfg.out or Path(HydraConfig.get().runtime.output_dir) / "classifier")
+    out = Path(cfg.out or run_dir / "classifier")
     save_classifier(
         out, model, info, res, config=OmegaConf.to_container(cfg, resolve=True) | {"fit": hp}, process=process
     )

@@ -12,6 +12,14 @@ with the reconstruction term only. After training, ``scaling_factor = 1/std`` an
 mean`` of the encoded training latents are written into the model config, and the model is saved
 with ``save_pretrained`` (safetensors) to ``out``; ``metrics.json`` there records the held-out
 reconstruction PSNR. Load it with ``build_autoencoder("kl", path=out)``.
+
+Training runs on the engine (:class:`difftools.training.Trainer` with
+:class:`difftools.training.autoencoder.AutoencoderObjective`): AdamW without warm-up or EMA, bf16 on
+CUDA, the NaN/inf stop, ``metrics.jsonl`` / TensorBoard, and checkpoints (``kind: autoencoder``)
+every ``train.ckpt_every`` steps in the run directory (``run_dir``; null = Hydra's run directory,
+the parent of the default ``out``), with previews (held-out images above their reconstructions) in
+``samples/``. ``hydra.run.dir=<run> train.resume=auto`` continues an interrupted run exactly.
+Several GPUs: ``accelerate launch train/vae.py ...``.
 """
 
 from __future__ import annotations
@@ -25,108 +33,94 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-
-from difftools.device import default_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from difftools.models.autoencoders import psnr  # noqa: E402
+from difftools.models.autoencoders.trainable import (  # noqa: E402
+    TYPES,
+    estimate_factors,
+    evaluate_psnr,
+    new_diffusers_autoencoder,
+)
+from difftools.models.autoencoders.trainable import reconstruct as _reconstruct  # noqa: E402, F401
 
 log = logging.getLogger("train.vae")
+
+MODEL_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+              "mid_block_add_attention")
+# the ``train`` node: its keys, their types and fixed choices (checked before anything is built)
+TRAIN_SCHEMA = {"steps": int, "batch_size": int, "lr": float, "weight_decay": float, "recon": str,
+                "kl_weight": float, "grad_clip": float, "seed": int, "device": str, "bf16": bool,
+                "num_workers": int, "num_threads": int | None, "log_every": int, "eval_images": int,
+                "scale_images": int, "ckpt_every": int, "keep_last": int, "sample_every": int,
+                "eval_every": int, "time_limit": float | None, "resume": str | None}
+TRAIN_CHOICES = {"recon": ("l1", "l2"), "device": ("auto", "cpu", "cuda")}
 
 
 def build_model(mcfg, channels: int):
     """Fresh diffusers autoencoder from the ``model`` config node."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
-
-    ch = [int(c) for c in mcfg.block_out_channels]
-    if mcfg.type == "kl":
-        n = len(ch)
-        return AutoencoderKL(
-            in_channels=channels,
-            out_channels=channels,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=tuple(ch),
-            layers_per_block=int(mcfg.layers_per_block),
-            latent_channels=int(mcfg.latent_channels),
-            norm_num_groups=int(mcfg.norm_num_groups),
-            mid_block_add_attention=bool(mcfg.mid_block_add_attention),
-        )
-    if mcfg.type == "tiny":
-        # TAESD layout: one constant width through all stages (diffusers' blocks do not change width).
-        n, width = len(ch), ch[-1]
-        blocks = tuple(int(mcfg.layers_per_block) for _ in range(n))
-        return AutoencoderTiny(
-            in_channels=channels,
-            out_channels=channels,
-            encoder_block_out_channels=(width,) * n,
-            decoder_block_out_channels=(width,) * n,
-            num_encoder_blocks=blocks,
-            num_decoder_blocks=blocks,
-            latent_channels=int(mcfg.latent_channels),
-        )
-    raise ValueError(f"model.type must be 'kl' or 'tiny', got {mcfg.type!r}")
+    return new_diffusers_autoencoder(mcfg.type, channels, **{k: mcfg[k] for k in MODEL_KEYS})
 
 
-def _encode_mean(model, x):
-    out = model.encode(x)
-    return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+def check_config(cfg: DictConfig) -> dict:
+    """The ``train`` node as a plain dict, every value checked (a ConfigError names key and value)."""
+    from difftools.config import check_node, check_value
+
+    check_value("model.type", cfg.model.type, str, TYPES)
+    return check_node(OmegaConf.to_container(cfg.train, resolve=True), TRAIN_SCHEMA, node="train",
+                      choices=TRAIN_CHOICES)
 
 
-def _reconstruct(model, x, sample: bool, generator=None):
-    """(x_hat, kl per sample or None)."""
-    out = model.encode(x)
-    if hasattr(out, "latent_dist"):
-        dist = out.latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return model.decode(z).sample, dist.kl()
-    return model.decode(out.latents).sample, None
+def trainer_config(tc: dict):
+    """The engine's options for the ``train`` node: AdamW at a constant lr (no warm-up), no EMA."""
+    from difftools.training import TrainerConfig
+
+    if tc["device"] == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda, but torch sees no CUDA device (use train.device=auto or cpu)")
+    return TrainerConfig(
+        batch_size=tc["batch_size"], max_steps=tc["steps"], time_limit=tc["time_limit"], optimizer="adamw",
+        lr=tc["lr"], warmup_steps=0, lr_decay="constant", weight_decay=tc["weight_decay"],
+        grad_clip=tc["grad_clip"], ema_decay=0.0, mixed_precision="auto" if tc["bf16"] else "no",
+        device="cpu" if tc["device"] == "cpu" else "auto", seed=tc["seed"], log_every=tc["log_every"],
+        ckpt_every=tc["ckpt_every"], keep_last=tc["keep_last"], sample_every=tc["sample_every"],
+        eval_every=tc["eval_every"], num_workers=tc["num_workers"], cpu_threads=tc["num_threads"],
+        resume=tc["resume"])
 
 
-def _batches(dataset, n: int, batch_size: int):
-    n = min(n, len(dataset))
-    for i in range(0, n, batch_size):
-        items = [dataset[j] for j in range(i, min(n, i + batch_size))]
-        yield torch.stack([a for a, _ in items])
+def run_directory(cfg: DictConfig) -> Path | None:
+    """``run_dir``, else Hydra's run directory, else None (called as a library without Hydra: an
+    in-memory run that writes only ``out``)."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    from hydra.core.hydra_config import HydraConfig
 
-
-@torch.no_grad()
-def evaluate_psnr(model, dataset, n: int, device, batch_size: int = 128) -> float:
-    """Mean per-image PSNR (dB, images in [-1, 1], outputs clamped) of mean-latent reconstructions."""
-    model.eval()
-    total, count = 0.0, 0
-    for x in _batches(dataset, n, batch_size):
-        x = x.to(device)
-        x_hat, _ = _reconstruct(model, x, sample=False)
-        total += float(psnr(x_hat.clamp(-1, 1), x)) * x.shape[0]
-        count += x.shape[0]
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def estimate_factors(model, dataset, n: int, device, batch_size: int = 128) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) = (1/std, mean) of the posterior means of n training images."""
-    zs = [_encode_mean(model, x.to(device)).float().cpu() for x in _batches(dataset, n, batch_size)]
-    z = torch.cat(zs)
-    mean = float(z.mean())
-    return 1.0 / float((z - mean).std()), mean
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train, evaluate, estimate the latent scale and save; returns the metrics dict."""
+    """Train, evaluate, estimate the latent scale and save; returns the metrics dict (on the main
+    process; other processes return an empty dict)."""
+    from accelerate.utils import broadcast_object_list
+
     from difftools.data import build_dataset
+    from difftools.losses.autoencoder import AutoencoderLoss
+    from difftools.models.autoencoders import TrainableAutoencoder
+    from difftools.training import DivergedError, NonFiniteLossError, Trainer
+    from difftools.training.autoencoder import AutoencoderObjective
+    from difftools.training.trainer import make_accelerator
 
     t0 = time.time()
-    tc = cfg.train
-    if tc.num_threads:
-        torch.set_num_threads(int(tc.num_threads))
+    tc = check_config(cfg)
+    tcfg = trainer_config(tc)
+    if tc["num_threads"]:
+        torch.set_num_threads(tc["num_threads"])
     # Tiny weights/gradients become denormal floats late in CPU training and slow every op ~10x.
     torch.set_flush_denormal(True)
-    device = default_device(tc.device)
-    torch.manual_seed(int(tc.seed))
+    accelerator = make_accelerator(tcfg)
+    run_dir = run_directory(cfg)
+    if run_dir is not None:  # every rank writes to rank 0's run directory
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     train_set = build_dataset(
         cfg.data.name,
         root=cfg.data.root,
@@ -147,68 +141,36 @@ def run(cfg: DictConfig) -> dict:
     down = 2 ** (len(cfg.model.block_out_channels) - 1)
     if info.image_size % down:
         raise ValueError(f"image size {info.image_size} is not divisible by the downsampling {down}")
-    model = build_model(cfg.model, info.channels).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay))
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=int(tc.batch_size),
-        shuffle=True,
-        drop_last=True,
-        num_workers=int(tc.num_workers),
-        persistent_workers=int(tc.num_workers) > 0,
-        generator=torch.Generator().manual_seed(int(tc.seed)),
-    )
-    use_bf16 = bool(tc.bf16) and device.type == "cuda"
-    n_pix = info.channels * info.image_size**2
-    step, it = 0, iter(loader)
-    model.train()
-    while step < int(tc.steps):
-        try:
-            x, _ = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, _ = next(it)
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            x_hat, kl = _reconstruct(model, x, sample=True)
-        x_hat = x_hat.float()
-        rec = (x_hat - x).abs().mean() if tc.recon == "l1" else (x_hat - x).pow(2).mean()
-        loss = rec
-        kl_term = torch.zeros((), device=device)
-        if kl is not None:
-            kl_term = kl.float().mean() / n_pix
-            loss = rec + float(tc.kl_weight) * kl_term
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: rec={rec.item()} kl={kl_term.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
-        opt.step()
-        step += 1
-        if step % int(tc.log_every) == 0 or step == int(tc.steps):
-            train_psnr = 10 * math.log10(4.0 / max(F.mse_loss(x_hat.clamp(-1, 1), x).item(), 1e-12))
-            log.info(
-                "step %d loss %.4f rec %.4f kl %.2f batch-psnr %.2f dB",
-                step,
-                loss.item(),
-                rec.item(),
-                kl_term.item(),
-                train_psnr,
-            )
-    model.eval()
-    eval_psnr = evaluate_psnr(model, eval_set, int(tc.eval_images), device)
-    scale, shift = estimate_factors(model, train_set, int(tc.scale_images), device)
+    torch.manual_seed(tc["seed"])  # the same initial weights on every rank and in every run
+    model = TrainableAutoencoder(cfg.model.type, info.channels, **{k: cfg.model[k] for k in MODEL_KEYS})
+    objective = AutoencoderObjective(model, AutoencoderLoss(tc["recon"], tc["kl_weight"]), dataset_info=info,
+                                     eval_set=eval_set, eval_images=tc["eval_images"])
+    trainer = Trainer(objective, tcfg, run_dir, dataset=train_set,
+                      run_config=OmegaConf.to_container(cfg, resolve=True), accelerator=accelerator)
+    try:
+        result = trainer.train()
+    except (NonFiniteLossError, DivergedError) as err:
+        # the engine's advice names its own options (trainer.lr, trainer.resume); here they are train.*
+        raise type(err)(str(err).replace("trainer.", "train.")) from None
+    if not trainer.is_main:
+        return {}
+    net = model.net
+    eval_psnr = evaluate_psnr(net, eval_set, tc["eval_images"], trainer.device)
+    scale, shift = estimate_factors(net, train_set, tc["scale_images"], trainer.device)
     # Both diffusers classes read these two config fields; build_autoencoder picks them up.
-    model.register_to_config(scaling_factor=scale, shift_factor=shift)
+    net.register_to_config(scaling_factor=scale, shift_factor=shift)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.to("cpu").save_pretrained(str(out), safe_serialization=True)
+    net.to("cpu").save_pretrained(str(out), safe_serialization=True)
     metrics = {
         "psnr_db": eval_psnr,
         "eval_split": cfg.data.eval_split,
-        "eval_images": min(int(tc.eval_images), len(eval_set)),
-        "steps": step,
+        "eval_images": min(tc["eval_images"], len(eval_set)),
+        "steps": result.step,
+        "stopped_by": result.stopped_by,
+        # NaN when nothing was left to train (a resume of a finished run); JSON has no NaN
+        "final_loss": result.final_loss if math.isfinite(result.final_loss) else None,
+        "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
         "scaling_factor": scale,
         "shift_factor": shift,
         "downsample": down,
@@ -233,7 +195,13 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="vae")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    from difftools.config import ConfigError
+
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Datasets yielding ``(x float32 [C, H, W] in [-1, 1], label)`` and a resumable, seeded loader.
 
-``build_dataset(name, root=None, split="train", image_size=None, random_flip=False, **kw)`` with name
-one of ``digits`` (embedded, no files), ``mnist``, ``fashion_mnist``, ``cifar10``, ``image_folder``,
-``latents`` (cached autoencoder latents, :mod:`difftools.data.latents`). Each dataset has ``.info``
+``build_dataset(name, root=None, split="train", image_size=None, random_flip=False, subset=None, **kw)``
+with name one of ``digits`` (embedded, no files), ``mnist``, ``fashion_mnist``, ``cifar10``,
+``image_folder``, ``latents`` (cached autoencoder latents, :mod:`difftools.data.latents`); ``subset``
+takes a fixed part of the split (:mod:`difftools.data.subset`). Each dataset has ``.info``
 (:class:`DatasetInfo`). Files are looked up under ``root``, else $DIFFTOOLS_DATA, else
 ``../shared/data``; a missing file raises FileNotFoundError naming the paths tried.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from difftools.data.base import ArrayDataset, CorruptDataError, DatasetInfo, data_roots
 from difftools.data.loader import ResumableLoader, ResumableSampler, build_loader
+from difftools.data.subset import SubsetDataset, subset_indices, take_subset
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "latents")
 
@@ -22,6 +24,8 @@ def build_dataset(
     image_size: int | None = None,
     random_flip: bool = False,
     verify: bool | None = None,
+    subset: str | None = None,
+    subset_seed: int = 0,
     **kw,
 ):
     """Build dataset ``name``; extra keywords: ``resize`` (pad | nearest | bilinear | bicubic) for the
@@ -32,7 +36,14 @@ def build_dataset(
     decodes every image (otherwise each is decoded when first served), latents checks every shard's
     sha256 (its default). None: the dataset's default. digits, mnist, fashion_mnist and cifar10 read
     and decode every item when built, so they are always verified (a bad item is reported by index).
+
+    ``subset`` (Hydra: ``data.subset=half0``): ``half0`` / ``half1`` or ``k/n`` keeps only that part of
+    the split, fixed by ``subset_seed``; parts with the same seed are disjoint and together cover the
+    split (:mod:`difftools.data.subset`). None: the whole split.
     """
+    if subset is not None:
+        whole = build_dataset(name, root, split, image_size, random_flip, verify, **kw)
+        return take_subset(whole, subset, int(subset_seed))
     if verify is not None and name in ("image_folder", "latents"):
         kw["verify"] = bool(verify)
     if name == "digits":
@@ -65,7 +76,10 @@ __all__ = [
     "DatasetInfo",
     "ResumableLoader",
     "ResumableSampler",
+    "SubsetDataset",
     "build_dataset",
     "build_loader",
     "data_roots",
+    "subset_indices",
+    "take_subset",
 ]

@@ -11,10 +11,13 @@ import torch.nn as nn
 
 from difftools.config import check_node, signature_schema
 from difftools.losses.alignment import AlignedLoss
+from difftools.losses.autoencoder import AutoencoderLoss
+from difftools.losses.classification import ClassificationLoss
 from difftools.losses.denoising import T_DISTRIBUTIONS, WEIGHTINGS, DenoisingLoss, DenoisingTerms
 from samplers.process import PREDICTIONS
 
-__all__ = ["DenoisingLoss", "DenoisingTerms", "build_loss", "check_loss_node"]
+__all__ = ["AutoencoderLoss", "ClassificationLoss", "DenoisingLoss", "DenoisingTerms", "build_loss",
+           "check_loss_node"]
 
 _DENOISING_KEYS = ("prediction", "t_distribution", "weighting", "t_min", "t_max", "t_mean", "t_std",
                    "min_snr_gamma", "sigma_data")

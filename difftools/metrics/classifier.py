@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from difftools.checkpoint import save_checkpoint
 from difftools.data import build_dataset
 from difftools.files import cache_dir
 from difftools.images import float_to_uint8
+from difftools.losses.classification import ClassificationLoss
 from difftools.metrics.features import ClassifierFeatures, default_device, load_classifier
 from difftools.models.classifier import Classifier
+from difftools.training import Trainer, TrainerConfig
+from difftools.training.classification import ClassifierObjective
+from difftools.training.local import LocalAccelerator
 
 # Presets by dataset: small enough to train on the CPU for the embedded default, and ~1 minute on
 # a GPU for CIFAR-10. flip: horizontal flips are label-preserving for natural images, not digits.
@@ -68,20 +70,6 @@ def dataset_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
         xs.append(float_to_uint8(x))
         ys.append(torch.as_tensor(y).long())
     return torch.cat(xs), torch.cat(ys)
-
-
-def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``shift`` pixels (reflect padding, a random crop per image)."""
-    if shift <= 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (shift,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(x.device)
-    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(x.device)
-    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # [B, H, 1]
-    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # [B, 1, W]
-    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -128,68 +116,49 @@ def fit_classifier(
     seed: int = 0,
     device=None,
     log=print,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    ckpt_every: int = 0,
+    run_config: dict | None = None,
 ) -> FitResult:
-    """Train ``model`` in place and return its test accuracy (on clean images, t = 0)."""
+    """Train ``model`` in place on the training engine and return its test accuracy (on clean
+    images, t = 0).
+
+    The recipe (:class:`~difftools.training.classification.ClassifierObjective`): SGD with Nesterov
+    momentum, no weight decay on 1-D parameters, linear warm-up over a ``warmup`` fraction of the
+    steps then linear decay to zero, label smoothing, flips / shifts, noise levels on ``process``.
+    It runs in this process only (:class:`~difftools.training.local.LocalAccelerator`), also inside a
+    distributed run. ``run_dir`` (None: nothing is written) keeps checkpoints every ``ckpt_every``
+    steps and at the end, ``metrics.jsonl`` and the run lock; ``resume`` (a checkpoint, or ``"auto"``
+    for the run directory's latest) continues such a run exactly. ``run_config`` goes into each
+    checkpoint's config.yaml."""
     device = default_device(device)
     cuda = device.type == "cuda"
-    gen = torch.Generator().manual_seed(seed)
-    x_train, y_train = (t.to(device) for t in dataset_tensors(train_ds))
-    model.to(device).train()
+    images, labels = dataset_tensors(train_ds)
     if cuda:
         model.to(memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=lr,
-        momentum=momentum,
-        nesterov=True,
-    )
-    steps_per_epoch = max(len(x_train) // batch_size, 1)
-    total = epochs * steps_per_epoch
-    n_warm = max(int(warmup * total), 1)
+    loss_fn = ClassificationLoss(label_smoothing, flip, shift, process, channels_last=cuda)
+    objective = ClassifierObjective(model, loss_fn, images, labels, batch_size=batch_size, seed=seed,
+                                    process=process, dataset_info=getattr(train_ds, "info", None),
+                                    epochs=epochs, log=log)
+    total = epochs * objective.steps_per_epoch
     # linear warm-up, then linear decay to zero (the one-cycle shape of Smith & Topin, arXiv 1708.07120)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / n_warm if s < n_warm else max(total - s, 0) / max(total - n_warm, 1)
-    )
-    t0, seen = time.perf_counter(), 0
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x_train), generator=gen).to(device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = x_train[idx].float() / 127.5 - 1
-            if flip:
-                mask = (torch.rand(len(idx), generator=gen) < 0.5).to(device)
-                x = torch.where(mask[:, None, None, None], x.flip(-1), x)
-            x = random_shift(x, shift, gen)
-            t = None
-            if process is not None:
-                t = torch.rand(len(idx), generator=gen).to(device)
-                eps = torch.randn(x.shape, generator=gen).to(device)
-                x = process.marginal(x, eps, t).float()
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x, t)
-            loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(idx)
-        if log is not None:
-            log(f"epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.4f}")
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    config = TrainerConfig(
+        batch_size=min(batch_size, len(images)), max_steps=total, optimizer="sgd", lr=lr, momentum=momentum,
+        nesterov=True, weight_decay=weight_decay, no_decay_1d=True, warmup_steps=max(int(warmup * total), 1),
+        lr_decay="linear", grad_clip=0.0, ema_decay=0.0, seed=seed, log_every=objective.steps_per_epoch,
+        ckpt_every=ckpt_every, sample_every=0, progress=False, resume=resume,
+        device="cpu" if device.type == "cpu" else "auto")
+    result = Trainer(objective, config, run_dir, run_config=run_config,
+                     accelerator=LocalAccelerator(device)).train()
     model.eval()
     acc = float("nan")
     if test_ds is not None:
         x_test, y_test = dataset_tensors(test_ds)
         acc = accuracy(model, x_test, y_test, device)
-    return FitResult(
-        test_accuracy=acc, train_seconds=seconds, epochs=epochs, images_per_second=seen / max(seconds, 1e-9)
-    )
+    seen = len(result.losses) * config.batch_size  # the steps of this call (a resumed run did the rest)
+    return FitResult(test_accuracy=acc, train_seconds=result.seconds, epochs=epochs,
+                     images_per_second=seen / max(result.seconds, 1e-9))
 
 
 def save_classifier(

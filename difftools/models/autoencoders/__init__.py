@@ -9,7 +9,9 @@ and the constructor keywords, never a class path, and ``autoencoder_from_config`
 - ``tiny``: diffusers ``AutoencoderTiny`` (TAESD layout) from a local directory.
 - ``taef2``: TAEF2, the tiny autoencoder for the FLUX.2 latent space (:mod:`.taef2`).
 
-Modules: :mod:`.base` (the interface, the identity, ``psnr``), :mod:`.diffusers`, :mod:`.taef2`.
+Modules: :mod:`.base` (the interface, the identity, ``psnr``), :mod:`.diffusers`, :mod:`.taef2`, and
+:mod:`.trainable` (a fresh diffusers autoencoder to train with ``train/vae.py``: ``TrainableAutoencoder``,
+PSNR and latent-factor estimates).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from difftools.models.autoencoders.base import Autoencoder, IdentityAutoencoder, psnr
 from difftools.models.autoencoders.diffusers import DiffusersKLAutoencoder, DiffusersTinyAutoencoder
 from difftools.models.autoencoders.taef2 import TAEF2Autoencoder, default_taef2_dir
+from difftools.models.autoencoders.trainable import TrainableAutoencoder
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +28,7 @@ __all__ = [
     "DiffusersKLAutoencoder",
     "DiffusersTinyAutoencoder",
     "TAEF2Autoencoder",
+    "TrainableAutoencoder",
     "build_autoencoder",
     "autoencoder_from_config",
     "default_taef2_dir",
