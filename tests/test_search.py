@@ -128,6 +128,8 @@ def test_same_seed_same_result_other_seed_differs():
     c = search(mf, x, score, 4, config=cfg, seed=8, progress=False)
     assert a.history == b.history and a.best.to_dict() == b.best.to_dict()
     assert not torch.equal(a.best.times, c.best.times) or a.best.strategies != c.best.strategies
+    # at 4 steps DPM-Solver++ 3M is 2M (lower-order start and final steps): scored once, reported for both
+    assert set(a.baselines) == set(BASELINES) and a.baselines["dpmpp_3m"] == a.baselines["dpmpp_2m"]
 
 
 # A small space that can be enumerated: NFE 3 on the logSNR grid (times fixed), per step prediction
@@ -375,7 +377,10 @@ def _valid_dict():
         (lambda d: d["strategies"][3].update(nodes=[2, 1]), "strictly increasing"),
         (lambda d: d["strategies"][3].update(order=4, nodes=[1, 2]), "order 4 needs at least 3 nodes"),
         # version 1 files predate relax / afs: those keys there mean a hand-edited or corrupt file
-        (lambda d: (d.update(version=1), d["strategies"][0].update(relax=0.1)), "unknown keys \\['afs', 'relax'\\]; expected \\['prediction'"),
+        (
+            lambda d: (d.update(version=1), d["strategies"][0].update(relax=0.1)),
+            "unknown keys \\['afs', 'relax'\\]; expected \\['prediction'",
+        ),
     ],
 )
 def test_invalid_schedule_file_raises_clear_error(tmp_path, edit, message):
@@ -529,3 +534,78 @@ def test_sample_script_accepts_schedule_file(tmp_path):
         "relax": 0.0,
         "afs": None,
     }
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_search_gpu_script_smoke(tmp_path):
+    """scripts/search_gpu.py --smoke (tiny random DiT, CPU): the grid, the multi-NFE search, the
+    evaluation on sets A and B and the report run end to end; each stage's output is reused by the
+    next invocation, and a stage run before its inputs exist says what to run first."""
+    mod = _load_script("search_gpu")
+    out = tmp_path / "s3"
+    with pytest.raises(SystemExit, match="run --stage grid and --stage search"):
+        mod.main(["--smoke", "--out", str(out), "--stage", "eval", "--no-progress"])
+    mod.main(["--smoke", "--out", str(out), "--no-progress", "--threads", "1"])
+    grid = json.loads((out / "grid.json").read_text())
+    # ddim and unipc_bh2 x 3 grids x DualFast off/on at NFE 3 and 4
+    assert {(r["nfe"], r["config"]) for r in grid["rows"]} >= {
+        (3, "ddim@karras+dualfast"),
+        (4, "unipc_bh2@logsnr"),
+    }
+    assert len(grid["rows"]) == 24
+    found = json.loads((out / "search.json").read_text())
+    assert sum(d["evaluations"] for d in found["per_nfe"].values()) == found["evaluations"] == 40
+    for nfe in (3, 4):
+        sched = SolverSchedule.load(out / f"schedule_nfe{nfe}.json")
+        assert sched.nfe == nfe and sched.info["metric"] == "fd_random_projection"
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert sorted((r["nfe"], r["kind"]) for r in rows) == [
+        (3, "hand-picked"),
+        (3, "searched"),
+        (4, "hand-picked"),
+        (4, "searched"),
+    ]
+    hand = [r for r in rows if r["kind"] == "hand-picked" and r["nfe"] == 4][0]
+    best = min((r for r in grid["rows"] if r["nfe"] == 4), key=lambda r: r["score"])
+    assert hand["config"] == best["config"] and hand["search_score"] == best["score"]
+    assert all(math.isfinite(r["score_A"]) and math.isfinite(r["score_B"]) for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| 4 | " + hand["config"] in table and "S*/B* on A" in table
+    before = (out / "search.json").read_text()
+    mod.main(["--smoke", "--out", str(out), "--stage", "search", "--no-progress"])  # exists: skipped
+    assert (out / "search.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: SearchConfig(order_weights=(0.2, 0.4, 0.3, 0.1), max_nodes=2),
+            "max_nodes = 2 cannot estimate",
+        ),
+        (lambda: SearchConfig(t_end_range=(0.01, 0.001)), "t_end_range must be \\(lo, hi\\)"),
+        (lambda: SearchConfig(coefs=("taylor", "exact")), "coefs must be distinct values"),
+        (lambda: SearchConfig(afs=("mean", "mean")), "afs must be distinct values"),
+        (lambda: SearchConfig(migrate_prob=1.5), "migrate_prob must be in \\[0, 1\\]"),
+        (lambda: SearchConfig(time_budget_s=0), "time_budget_s must be > 0"),
+        (
+            lambda: SearchSpace(
+                VP(), 1.0, 0.05, SearchConfig(t_end_range=(1e-3, 1e-2)), Rng(torch.Generator())
+            ),
+            "t_end = 0.05 lies outside t_end_range",
+        ),
+        (
+            lambda: search_nfes(make_mixture().model_fn(VP()), torch.zeros(2, 2), lambda s: 0.0, [4, 4]),
+            "nfes must be distinct integers >= 1",
+        ),
+    ],
+)
+def test_search_settings_errors_name_the_setting(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -195,6 +195,29 @@ def test_local_error_catches_halved_second_derivative_coefficient(form):
     assert abs(local_error_slope(form, 3, 2, "dpm") - 3) < 0.25
 
 
+@pytest.mark.parametrize("form", ["data", "noise"])
+@pytest.mark.parametrize("order", [1, 3])
+def test_final_step_to_data_end_returns_the_x0_prediction(form, order):
+    """A last step to t = 0 (VP: sigma = 0, lambda = +inf) is taken in its exact limit
+    alpha_0 x0_s + sigma_0 eps_s = x0_s in both forms: the output is the model's x0 prediction at the
+    last state (kills a sign flip of the noise form's infinite step, issue 13)."""
+    mix = make_mixture(dim=3, num_components=3)
+    process = VP()
+    times = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.0], dtype=torch.float64)
+    x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    seen = {}
+    out = sample(
+        mix.model_fn(process),
+        x_T,
+        "usf",
+        times=times,
+        strategies=[Strategy(form, order)] * 4,
+        callback=seen.update,
+    )
+    assert seen["i"] == 3 and (out - seen["x0"]).abs().max().item() < 1e-12
+    assert (out - seen["x"]).abs().max().item() > 1e-3  # the last state itself is still noisy
+
+
 # ---------------------------------------------------------------------------------- analytical first step
 @pytest.mark.parametrize("form", ["data", "noise"])
 def test_analytical_first_step_is_the_ddim_step_with_constant_x0(form):

@@ -62,7 +62,7 @@ class _Pools:
     def __init__(self, nfes, score: Callable[[SolverSchedule], float], budget: int, deadline, bar):
         self.pools: dict[int, list[tuple[float, int, SolverSchedule]]] = {n: [] for n in nfes}
         self.history: dict[int, list[tuple[int, float]]] = {n: [] for n in nfes}
-        self.seen: set[str] = set()
+        self.seen: dict[str, float] = {}  # schedule key -> score
         self.count = 0
         self._score, self.budget, self.deadline, self.bar = score, budget, deadline, bar
 
@@ -75,7 +75,7 @@ class _Pools:
     def add(self, sched: SolverSchedule) -> float:
         value = self._score(sched)
         n = sched.nfe
-        self.seen.add(schedule_key(sched))
+        self.seen[schedule_key(sched)] = value
         best_before = self.best_score(n)
         self.pools[n].append((value, self.count, sched))
         self.count += 1
@@ -166,7 +166,10 @@ def search_nfes(
     try:
         for n in nfes:  # generation 0: the baselines ...
             for sched in start[n]:
-                if pools.novel(sched) and not pools.full():
+                key = schedule_key(sched)
+                if key in pools.seen:  # the same sampler under another name (e.g. 3M = 2M at 4 steps)
+                    baseline_scores[n][sched.name] = pools.seen[key]
+                elif not pools.full():
                     baseline_scores[n][sched.name] = pools.add(sched)
         _fill_random(pools, space, nfes, cfg)  # ... and random candidates
         _evolve(pools, space, nfes, cfg, rng)
