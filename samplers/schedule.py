@@ -3,16 +3,21 @@
 A :class:`SolverSchedule` is what :mod:`samplers.search` finds and what ``scripts/sample.py
 schedule_file=...`` runs: every step s -> t is the exponential-integrator update of
 :mod:`samplers.usf` with that step's :class:`~samplers.usf.Strategy` (Liu et al., USF / S³,
-arXiv 2312.07243). The file format (``schedule.json``), version 1::
+arXiv 2312.07243). The file format (``schedule.json``), version 2::
 
-    {"format": "difftools.solver_schedule", "version": 1,
+    {"format": "difftools.solver_schedule", "version": 2,
      "name": "searched",                          # or the baseline solver's name
      "process": {"kind": "VP", ...},              # NoiseProcess.config() the times refer to
-     "times": [1.0, ..., 0.001],                  # t_0 > ... > t_N, in [0, 1] (t = 1 noise)
+     "times": [1.0, ..., 0.001],                  # t_0 > ... > t_N, in [0, 1] (t = 1 noise); t_N = t_end
      "strategies": [{"prediction": "data", "order": 2, "coef": "bh2", "corrector": "pseudo",
-                     "nodes": null, "singlestep": null}, ...],       # N of them
+                     "nodes": null, "singlestep": null, "relax": 0.0, "afs": null}, ...],  # N of them
      "nfe": 5,                                    # checked against the count from the plan
      "info": {...}}                               # free-form: search settings, scores
+
+Version 2 added the strategy keys ``relax`` (first-derivative relaxation c, g_1 <- (1 + c h) g_1)
+and ``afs`` (analytical first step: the first point's constant x0 prediction, step 0 only), and
+lets ``nodes`` hold more previous evaluations than order - 1 (the derivative-estimate order).
+Version 1 files (no ``relax`` / ``afs``) are read as they are: their strategies mean the same.
 
 Reading validates everything (format and version, unknown or missing keys, the process, strictly
 decreasing times in [0, 1], one known strategy per step, the stored NFE) and raises ``ValueError``
@@ -37,8 +42,11 @@ from samplers.schedules import check_times, get_times
 from samplers.usf import StepPlan, Strategy, plan
 
 FORMAT = "difftools.solver_schedule"
-VERSION = 1
-STRATEGY_KEYS = ("prediction", "order", "coef", "corrector", "nodes", "singlestep")
+VERSION = 2
+#: strategy keys per file version (each version reads files of its own and earlier versions)
+STRATEGY_KEYS_V1 = ("prediction", "order", "coef", "corrector", "nodes", "singlestep")
+STRATEGY_KEYS = (*STRATEGY_KEYS_V1, "relax", "afs")
+READABLE_VERSIONS = {1: STRATEGY_KEYS_V1, 2: STRATEGY_KEYS}
 SCHEDULE_KEYS = frozenset({"format", "version", "name", "process", "times", "strategies", "nfe", "info"})
 
 
@@ -50,28 +58,37 @@ def strategy_to_dict(s: Strategy) -> dict:
         "corrector": s.corrector,
         "nodes": None if s.nodes is None else [int(j) for j in s.nodes],
         "singlestep": None if s.singlestep is None else [float(r) for r in s.singlestep],
+        "relax": float(s.relax),
+        "afs": None if s.afs is None else [float(v) for v in s.afs],
     }
 
 
-def strategy_from_dict(d, where: str = "strategy") -> Strategy:
-    """A :class:`Strategy` from its dict, with a clear error for unknown keys or values."""
+def strategy_from_dict(d, where: str = "strategy", keys: Sequence[str] = STRATEGY_KEYS) -> Strategy:
+    """A :class:`Strategy` from its dict, with a clear error for unknown keys or values (``keys``:
+    the keys the file's version allows)."""
     if isinstance(d, Strategy):
         return d
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a dict, got {type(d).__name__}")
-    unknown = set(d) - set(STRATEGY_KEYS)
+    unknown = set(d) - set(keys)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {list(STRATEGY_KEYS)}")
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {list(keys)}")
     d = dict(d)
     if not isinstance(d.get("order", 1), int) or isinstance(d.get("order", 1), bool):
         raise ValueError(f"{where}: order must be an integer, got {d.get('order')!r}")
-    for key in ("nodes", "singlestep"):
+    for key in ("nodes", "singlestep", "afs"):
         if d.get(key) is not None:
             if not isinstance(d[key], (list, tuple)):
                 raise ValueError(f"{where}: {key} must be a list or null, got {d[key]!r}")
             d[key] = tuple(d[key])
-    if d.get("nodes") is not None and not all(isinstance(j, int) and j >= 1 for j in d["nodes"]):
+    if d.get("nodes") is not None and not all(
+        isinstance(j, int) and not isinstance(j, bool) and j >= 1 for j in d["nodes"]
+    ):
         raise ValueError(f"{where}: nodes must be positive integers, got {list(d['nodes'])}")
+    for key in ("relax", "afs"):
+        values = [d[key]] if key == "relax" and key in d else list(d.get(key) or ())
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{where}: {key} must hold numbers, got {d[key]!r}")
     try:
         return Strategy(**d)
     except (TypeError, ValueError) as err:
@@ -168,9 +185,11 @@ class SolverSchedule:
             raise ValueError(
                 f"{where}: not a solver schedule (format {d.get('format')!r}, expected {FORMAT!r})"
             )
-        if d.get("version") != VERSION:
+        version = d.get("version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{where}: unsupported schedule version {d.get('version')!r} (expected {VERSION})"
+                f"{where}: unsupported schedule version {version!r} (this reader knows "
+                f"{sorted(READABLE_VERSIONS)}; a newer difftools wrote it?)"
             )
         unknown = set(d) - SCHEDULE_KEYS
         if unknown:
@@ -189,10 +208,14 @@ class SolverSchedule:
             raise ValueError(f"{where}: times must be a list of numbers")
         if not isinstance(d["strategies"], list):
             raise ValueError(f"{where}: strategies must be a list")
+        keys = READABLE_VERSIONS[version]
+        strategies = [
+            strategy_from_dict(st, f"{where}: strategies[{i}]", keys) for i, st in enumerate(d["strategies"])
+        ]
         try:
             sched = cls(
                 torch.tensor(times, dtype=torch.float64),
-                d["strategies"],
+                strategies,
                 process,
                 name=str(d.get("name", "searched")),
                 info=dict(d.get("info") or {}),
@@ -228,7 +251,7 @@ def plan_nfe(plans: Sequence[StepPlan]) -> int:
     """Evaluations :func:`samplers.usf.integrate` makes for ``plans`` (mirrors its loop)."""
     nfe, carried, last = 0, False, len(plans) - 1
     for p in plans:
-        nfe += 0 if carried else 1
+        nfe += 0 if (carried or p.afs is not None) else 1
         carried = False
         nfe += len(p.stages)
         if p.corrector is not None and (p.corrector_kind == "implicit" or p.index < last):
@@ -260,22 +283,25 @@ def baseline_schedule(
 
 def schedule_key(sched: SolverSchedule) -> str:
     """A canonical key: two schedules with the same key compute the same samples up to round-off
-    (decisions that have no effect in the plan — coefficients of steps without nodes, dpm = bh2 for
-    one node, a pseudo corrector on the last step, orders lowered by short history — are normalised)."""
+    (decisions that have no effect in the plan are normalised: coefficients of steps without derivative
+    terms, dpm = bh2 for one term, a pseudo corrector on the last step, orders lowered by short
+    history, nodes not yet available, a relaxation of a step without a first derivative)."""
     rows = []
     for p in sched.plan():
         s = p.strategy
-        n_pred = p.order_used - 1 if p.strategy.singlestep is None else 1
-        sizes = {n_pred} | ({n_pred + 1} if p.corrector is not None else set())
+        single = s.singlestep is not None
+        m_pred = 1 if single else p.order_used - 1  # derivative terms of the predictor
+        runs = p.corrector_kind == "implicit" or p.index < sched.steps - 1  # pseudo on the last step: skipped
+        corrector = p.corrector_kind if (p.corrector is not None and runs) else None
+        sizes = {m_pred} | ({m_pred + 1} if corrector else set())
         coef = s.coef
         if coef == "dpm" and 2 not in sizes:
-            coef = "bh2"  # identical single-node coefficient h phi_1 / 2
+            coef = "bh2"  # identical one-term coefficient h phi_1 / 2
         if coef in ("bh1", "bh2") and 1 not in sizes:
             coef = "taylor"
-        runs = p.corrector_kind == "implicit" or p.index < sched.steps - 1  # pseudo on the last step: skipped
-        corrector = p.corrector_kind if runs else None
-        rows.append((s.prediction, p.order_used, coef, corrector, s.nodes, s.singlestep))
+        relax = f"{float(s.relax):.12g}" if m_pred >= 1 else "0"
+        nodes = list(p.nodes_used) if m_pred >= 1 and not single else None
+        afs = None if p.afs is None else [f"{v:.12g}" for v in p.afs[0]]
+        rows.append((s.prediction, p.order_used, nodes, coef, corrector, relax, s.singlestep, afs))
     # 12 significant digits: a t -> lambda -> t round trip of an unmoved point is the same point
     return json.dumps([[f"{t:.12g}" for t in sched.times.tolist()], rows])
-
-

@@ -1,7 +1,8 @@
 """One exponential-integrator step of which DDIM, DPM-Solver(++), UniPC, Euler and Heun are configurations.
 
-Unified Sampling Framework (USF / S³, Liu et al., arXiv 2312.07243; DPM-Solver, Lu et al.,
-arXiv 2206.00927; DPM-Solver++, arXiv 2211.01095; UniPC, Zhao et al., arXiv 2302.04867).
+Unified Sampling Framework (USF / S³, Liu et al., arXiv 2312.07243, official code thu-nics/USF;
+DPM-Solver, Lu et al., arXiv 2206.00927; DPM-Solver++, arXiv 2211.01095; UniPC, Zhao et al.,
+arXiv 2302.04867).
 
 With lambda = log(alpha/sigma) and a step s -> t, h = lambda_t - lambda_s, the probability-flow
 ODE has the exact variation-of-constants solutions
@@ -11,29 +12,43 @@ ODE has the exact variation-of-constants solutions
 
 Taylor-expanding the prediction m (x0 or eps) at s with scaled derivatives d_k = h^k m^(k) / k! gives
 
-    x_t = base + alpha_t sum_{k>=1} g_k d_k          (data,  z = -h)
-    x_t = base - sigma_t sum_{k>=1} g_k d_k          (noise, z = +h)
+    x_t = base + alpha_t sum_{k=1}^{p-1} g_k d_k          (data,  z = -h)
+    x_t = base - sigma_t sum_{k=1}^{p-1} g_k d_k          (noise, z = +h)
     base = (sigma_t/sigma_s) x_s + alpha_t h phi_1(-h) m_s or (alpha_t/alpha_s) x_s - sigma_t h phi_1(h) m_s
 
-with the phi-functions phi_0(z) = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!)/z, and the exact
-("taylor") coefficients g_k = k! h phi_{k+1}(z). The d_k are estimated from other evaluations
-m_j at nodes r_j = (lambda_j - lambda_s)/h by polynomial interpolation: m_j - m_s = sum_k r_j^k d_k
-(a small Vandermonde system, float64). The decisions per step (the S³ search space) are:
+with the phi-functions phi_0(z) = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!)/z, the exact ("taylor")
+coefficients g_k = k! h phi_{k+1}(z), and p the Taylor order. The d_k are estimated from q >= p - 1
+other evaluations m_j at nodes r_j = (lambda_j - lambda_s)/h by polynomial interpolation of degree
+q: m_j - m_s = sum_{k=1}^{q} r_j^k d_k (a q x q Vandermonde system, float64); only d_1..d_{p-1} enter
+the update, so q (the "estimate order", the official code's ``Difference_q`` with its active points)
+is chosen independently of p. The decisions per step (the S³ search space) are:
 
 * prediction: ``data`` (x0) or ``noise`` (eps);
-* order: 1 + number of nodes (Taylor order); lowered automatically where history is short;
-* nodes: which previous evaluations (default the most recent ones);
-* coef: the coefficient variant when the derivative is relaxed:
+* order: the Taylor order p = 1..4; lowered automatically where history is short;
+* nodes: which previous evaluations estimate the derivatives (1 = the grid point before the
+  current one, 2 = the one before that, ...); default (1, ..., p-1); more nodes than p - 1 raise the
+  accuracy of the derivative estimates without adding Taylor terms;
+* coef: the coefficient variant (an empirical relaxation of the first derivatives' weights):
     - ``taylor``: exact g_k above;
-    - ``bh1`` / ``bh2`` (UniPC's B(h)): with a single node, g_1 = B(h)/2 with B = h (bh1) or
-      B = h phi_1(z) (bh2); otherwise taylor (UniPC solves the same Vandermonde system, so for
-      two or more nodes its coefficients coincide with the exact ones, whatever B(h));
-    - ``dpm`` (DPM-Solver's published multistep coefficients, as in diffusers): one node
-      g_1 = h phi_1(z)/2 (the "midpoint" rule, = bh2), two nodes g_1 = h phi_2(z),
+    - ``bh1`` / ``bh2`` (UniPC's B(h)): with p = 2 (one derivative term), g_1 = B(h)/2 with B = h
+      (bh1) or B = h phi_1(z) (bh2); otherwise taylor (UniPC solves the same Vandermonde system, so
+      for two or more terms its coefficients coincide with the exact ones, whatever B(h));
+    - ``dpm`` (DPM-Solver's published multistep coefficients, as in diffusers and k-diffusion):
+      p = 2: g_1 = h phi_1(z)/2 (the "midpoint" rule, = bh2); p = 3: g_1 = h phi_2(z),
       g_2 = h phi_3(z) (half the exact 2 h phi_3(z) — see docs/samplers.md for the measured order);
+* relax: the continuous relaxation c of the first derivative, g_1 <- (1 + c h) g_1 (the official
+  code's ``linear`` relaxation, "derivative *= 1 + relaxation_coefficient * h", with h > 0 in both
+  forms); applied to the predictor only, as there; c = 0 is no relaxation;
 * corrector: ``None``; ``pseudo`` (UniC: redo the step with the next point's evaluation as an
-  extra node, 0 extra NFE; the next step reuses that evaluation); ``implicit`` (same, but the
-  next step evaluates again at the corrected point: +1 NFE per step — Heun).
+  extra node and one more Taylor term, 0 extra NFE; the next step reuses that evaluation);
+  ``implicit`` (same, but the next step evaluates again at the corrected point: +1 NFE per step —
+  Heun);
+* afs (first step only): the analytical first step. The evaluation at the first grid point is
+  replaced by a constant data prediction x0_hat = c (a scalar, one value per channel or one per
+  element of a sample), eps_hat = (x - alpha_s c)/sigma_s: one NFE less. Exact when alpha_s = 0
+  (Flow at t = 1: x_1 is independent of x0, so E[x0 | x_1] = E[x0], the data mean) and an
+  O(alpha_s) approximation otherwise; the official code offers c = 0 (``zero_x0``) and the data
+  mean (``average_x0``). The later steps use it as an ordinary history node.
 
 Configurations (see ``SOLVERS``): DDIM = order 1; DPM-Solver++(2M/3M) = data, dpm, 2/3;
 DPM-Solver(2M/3M) = noise, dpm; UniPC = data, bh1/bh2, pseudo corrector; Euler in
@@ -94,19 +109,28 @@ def phi(k: int, z: float) -> float:
 
 
 # ------------------------------------------------------------------ strategy
+MAX_ORDER = 4
+
+
 @dataclass(frozen=True)
 class Strategy:
-    """One step's decisions (the USF / S³ search space).
+    """One step's decisions (the USF / S³ search space; equations in the module docstring).
 
     Args:
         prediction: ``data`` (x0, DPM-Solver++/UniPC) or ``noise`` (eps, DPM-Solver/DDIM/Heun).
-        order: Taylor order 1..3 (uses order-1 extra nodes); lowered where history is short.
-        coef: ``taylor`` | ``bh1`` | ``bh2`` | ``dpm`` (see module docstring).
+        order: Taylor order p = 1..4 (p - 1 derivative terms); lowered where history is short.
+        coef: ``taylor`` | ``bh1`` | ``bh2`` | ``dpm``.
         corrector: None | ``pseudo`` (UniC, 0 NFE) | ``implicit`` (+1 NFE).
-        nodes: previous evaluations to use (1 = the one before the current point, 2 = ...);
-            default (1, ..., order-1).
+        nodes: previous evaluations that estimate the derivatives (1 = the one before the current
+            point, 2 = ...), strictly increasing; their number q is the estimate order (q >= p - 1;
+            more nodes make the estimates more accurate, not the expansion longer). Default
+            (1, ..., p - 1).
         singlestep: intermediate fractions r of the step (lambda_s + r h), e.g. (0.5,) for
             DPM-Solver-2, (1/3, 2/3) for DPM-Solver-3; each costs one NFE.
+        relax: c in the first-derivative relaxation g_1 <- (1 + c h) g_1 (predictor only).
+        afs: analytical first step (first step only): the constant data prediction used instead of
+            evaluating the model at the first grid point — 1 value (a scalar), C values (one per
+            channel, dim 1 of the state) or one value per element of a sample; None evaluates.
     """
 
     prediction: str = "data"
@@ -115,18 +139,52 @@ class Strategy:
     corrector: str | None = None
     nodes: tuple[int, ...] | None = None
     singlestep: tuple[float, ...] | None = None
+    relax: float = 0.0
+    afs: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.prediction not in SOLVER_PREDICTIONS:
             raise ValueError(f"prediction must be one of {SOLVER_PREDICTIONS}, got {self.prediction!r}")
-        if not 1 <= int(self.order) <= 4:
-            raise ValueError(f"order must be in 1..4, got {self.order}")
+        if not 1 <= int(self.order) <= MAX_ORDER:
+            raise ValueError(f"order must be in 1..{MAX_ORDER}, got {self.order}")
         if self.coef not in COEFS:
             raise ValueError(f"coef must be one of {COEFS}, got {self.coef!r}")
         if self.corrector not in CORRECTORS:
             raise ValueError(f"corrector must be one of {CORRECTORS}, got {self.corrector!r}")
         if self.singlestep is not None and self.corrector is not None:
             raise ValueError("singlestep strategies take no corrector")
+        # lists (from JSON or user code) become tuples, so that strategies compare and hash by value
+        for name in ("nodes", "singlestep", "afs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        if self.nodes is not None:
+            nodes = self.nodes
+            if not nodes or any(isinstance(j, bool) or int(j) != j or j < 1 for j in nodes):
+                raise ValueError(f"nodes must be positive integers, got {list(nodes)}")
+            if list(nodes) != sorted(set(nodes)):
+                raise ValueError(f"nodes must be strictly increasing, got {list(nodes)}")
+            if len(nodes) < int(self.order) - 1:
+                raise ValueError(
+                    f"order {self.order} needs at least {int(self.order) - 1} nodes (one per derivative "
+                    f"term), got {list(nodes)}"
+                )
+        if not math.isfinite(float(self.relax)):
+            raise ValueError(f"relax must be a finite number, got {self.relax!r}")
+        if self.afs is not None:
+            if not self.afs or not all(math.isfinite(float(v)) for v in self.afs):
+                raise ValueError("afs must be a non-empty list of finite numbers (the first step's x0)")
+
+    def __repr__(self) -> str:
+        fields = [f"{self.prediction!r}", f"order={self.order}", f"coef={self.coef!r}"]
+        for name in ("corrector", "nodes", "singlestep"):
+            if getattr(self, name) is not None:
+                fields.append(f"{name}={getattr(self, name)!r}")
+        if self.relax:
+            fields.append(f"relax={self.relax:g}")
+        if self.afs is not None:  # may hold one value per pixel
+            fields.append(f"afs=<{len(self.afs)} value{'s' if len(self.afs) > 1 else ''}>")
+        return f"Strategy({', '.join(fields)})"
 
     @classmethod
     def from_any(cls, s) -> Strategy:
@@ -138,20 +196,34 @@ class Strategy:
 
 
 # ------------------------------------------------------------------ coefficients
-def derivative_weights(h: float, rs: Sequence[float], prediction: str, coef: str) -> list[float]:
-    """Weights w_j with  sum_k g_k d_k = sum_j w_j (m_j - m_s)  for nodes at relative positions r_j.
+def derivative_weights(
+    h: float,
+    rs: Sequence[float],
+    prediction: str,
+    coef: str,
+    terms: int | None = None,
+    relax: float = 0.0,
+) -> list[float]:
+    """Weights w_j with  sum_{k<=terms} g_k d_k = sum_j w_j (m_j - m_s)  for nodes at relative
+    positions r_j (j = 1..q, q = len(rs) >= terms; default terms = q).
 
-    d = V^{-1} (m - m_s) with V_jk = r_j^k (k = 1..n), so w = V^{-T} g.
+    d = V^{-1} (m - m_s) with V_jk = r_j^k (k = 1..q), so w = V^{-T} g with g_k = 0 for k > terms:
+    all q nodes estimate d_1..d_terms, only those enter the update.
     """
     n = len(rs)
-    if n == 0:
-        return []
+    m = n if terms is None else int(terms)
+    if not 0 <= m <= n:
+        raise ValueError(f"{m} derivative terms need at least {m} nodes, got {n}")
+    if m == 0:
+        return [0.0] * n
     z = -h if prediction == "data" else h
-    g = [math.factorial(k) * h * phi(k + 1, z) for k in range(1, n + 1)]
-    if coef in ("bh1", "bh2", "dpm") and n == 1:
+    g = [math.factorial(k) * h * phi(k + 1, z) for k in range(1, m + 1)] + [0.0] * (n - m)
+    if coef in ("bh1", "bh2", "dpm") and m == 1:
         g[0] = 0.5 * (h if coef == "bh1" else h * phi(1, z))
-    elif coef == "dpm" and n == 2:
+    elif coef == "dpm" and m == 2:
         g[1] = h * phi(3, z)
+    if relax:
+        g[0] *= 1.0 + relax * h
     vand = torch.tensor([[r**k for k in range(1, n + 1)] for r in rs], dtype=torch.float64)
     w = torch.linalg.solve(vand.T, torch.tensor(g, dtype=torch.float64))
     return [float(v) for v in w]
@@ -176,7 +248,12 @@ class Update:
 
 @dataclass
 class StepPlan:
-    """Everything the loop needs for one grid step t_s -> t_t."""
+    """Everything the loop needs for one grid step t_s -> t_t.
+
+    ``nodes_used``: the history nodes the step's derivative estimates use (after dropping those
+    not yet available or at infinite lambda); ``afs``: for an analytical first step, the constant
+    x0 prediction and (alpha_s, sigma_s) to form eps from it, else None.
+    """
 
     index: int
     t_s: float
@@ -187,6 +264,8 @@ class StepPlan:
     corrector: Update | None  # applied after evaluating at the predictor's output
     corrector_kind: str | None
     order_used: int
+    nodes_used: tuple[int, ...] = ()
+    afs: tuple[tuple[float, ...], float, float] | None = None
 
 
 def _scalars(process: NoiseProcess, t: float):
@@ -197,9 +276,17 @@ def _scalars(process: NoiseProcess, t: float):
 
 
 def _update(
-    process: NoiseProcess, t_s: float, t_t: float, prediction: str, coef: str, nodes: list[tuple[Ref, float]]
+    process: NoiseProcess,
+    t_s: float,
+    t_t: float,
+    prediction: str,
+    coef: str,
+    nodes: list[tuple[Ref, float]],
+    terms: int | None = None,
+    relax: float = 0.0,
 ) -> Update:
-    """The update s -> t with derivative nodes [(ref, lambda_node)]; drops nodes with infinite lambda."""
+    """The update s -> t with derivative nodes [(ref, lambda_node)] of which the first ``terms``
+    derivatives enter (default: as many as nodes); drops nodes with infinite lambda."""
     a_s, s_s, lam_s = _scalars(process, t_s)
     a_t, s_t, lam_t = _scalars(process, t_t)
     h = lam_t - lam_s
@@ -216,15 +303,16 @@ def _update(
         return Update(cx=0.0, cp=s_t, primary="eps", terms=[(("hist", 0), "x0", a_t)], t_out=t_t)
     finite = [(ref, lam) for ref, lam in nodes if math.isfinite(lam)]
     rs = [(lam - lam_s) / h for _, lam in finite]
-    w = derivative_weights(h, rs, prediction, coef)
+    m = len(finite) if terms is None else min(int(terms), len(finite))
+    w = derivative_weights(h, rs, prediction, coef, m, relax) if m > 0 else []
     if prediction == "data":
         cx, cp, scale = s_t / s_s, -a_t * math.expm1(-h), a_t
     else:
         cx, cp, scale = a_t / a_s, -s_t * math.expm1(h), -s_t
-    terms = [(ref, primary, scale * wj) for (ref, _), wj in zip(finite, w, strict=True)]
+    terms_out = [(ref, primary, scale * wj) for (ref, _), wj in zip(finite, w, strict=False) if wj != 0.0]
     if w:
-        terms.append((("hist", 0), primary, -scale * sum(w)))
-    return Update(cx=cx, cp=cp, primary=primary, terms=terms, t_out=t_t)
+        terms_out.append((("hist", 0), primary, -scale * sum(w)))
+    return Update(cx=cx, cp=cp, primary=primary, terms=terms_out, t_out=t_t)
 
 
 def plan(process: NoiseProcess, times: torch.Tensor, strategies: Sequence[Strategy]) -> list[StepPlan]:
@@ -232,24 +320,52 @@ def plan(process: NoiseProcess, times: torch.Tensor, strategies: Sequence[Strate
     ts = [float(t) for t in times]
     if len(strategies) != len(ts) - 1:
         raise ValueError(f"need one strategy per step: {len(ts) - 1} steps, {len(strategies)} strategies")
+    for i, strat in enumerate(strategies):
+        if i > 0 and strat.afs is not None:
+            raise ValueError(f"step {i}: the analytical first step (afs) is a decision of step 0 only")
     lams = [_scalars(process, t)[2] for t in ts]
     plans: list[StepPlan] = []
     for i, strat in enumerate(strategies):
         t_s, t_t = ts[i], ts[i + 1]
         h = lams[i + 1] - lams[i]
+        afs = None
+        if strat.afs is not None:
+            a_s, s_s, _ = _scalars(process, t_s)
+            if s_s <= 0:
+                raise ValueError(f"the analytical first step needs sigma > 0 at t = {t_s}")
+            afs = (strat.afs, a_s, s_s)
         if strat.singlestep is not None:
-            plans.append(_plan_singlestep(process, i, t_s, t_t, h, lams[i], strat))
+            p = _plan_singlestep(process, i, t_s, t_t, h, lams[i], strat)
+            p.afs = afs
+            plans.append(p)
             continue
         order = int(strat.order) if math.isfinite(h) else 1
         wanted = strat.nodes if strat.nodes is not None else tuple(range(1, order))
-        wanted = tuple(j for j in wanted[: order - 1] if j <= i and math.isfinite(lams[i - j]))
-        nodes = [(("hist", j), lams[i - j]) for j in wanted]
-        pred = _update(process, t_s, t_t, strat.prediction, strat.coef, nodes)
+        # a node exists once its evaluation does (j <= i) and counts at finite lambda
+        available = tuple(j for j in wanted if j <= i and math.isfinite(lams[i - j])) if order > 1 else ()
+        terms = min(order - 1, len(available))
+        nodes = [(("hist", j), lams[i - j]) for j in available]
+        pred = _update(process, t_s, t_t, strat.prediction, strat.coef, nodes, terms, float(strat.relax))
         corr = None
         if strat.corrector is not None and math.isfinite(h):
-            corr = _update(process, t_s, t_t, strat.prediction, strat.coef, nodes + [(("new",), lams[i + 1])])
+            # UniC: the new evaluation joins the nodes and adds one Taylor term (no relaxation)
+            corr = _update(
+                process, t_s, t_t, strat.prediction, strat.coef, nodes + [(("new",), lams[i + 1])], terms + 1
+            )
         plans.append(
-            StepPlan(i, t_s, t_t, strat, [], pred, corr, strat.corrector if corr else None, 1 + len(nodes))
+            StepPlan(
+                i,
+                t_s,
+                t_t,
+                strat,
+                [],
+                pred,
+                corr,
+                strat.corrector if corr else None,
+                1 + terms,
+                available,
+                afs,
+            )
         )
     return plans
 
@@ -269,7 +385,15 @@ def _plan_singlestep(process, i, t_s, t_t, h, lam_s, strat: Strategy) -> StepPla
         # Stage k steps s -> s_k using the previous stage as its node (exact Taylor coefficient).
         nodes = [(("stage", k - 1), lam_k[k - 1])] if k > 0 else []
         stages.append(_update(process, t_s, t_k[k], strat.prediction, "taylor", nodes))
-    pred = _update(process, t_s, t_t, strat.prediction, strat.coef, [(("stage", len(rs) - 1), lam_k[-1])])
+    pred = _update(
+        process,
+        t_s,
+        t_t,
+        strat.prediction,
+        strat.coef,
+        [(("stage", len(rs) - 1), lam_k[-1])],
+        relax=float(strat.relax),
+    )
     return StepPlan(i, t_s, t_t, strat, stages, pred, None, None, len(rs) + 1)
 
 
@@ -298,6 +422,29 @@ def _apply(
     return out
 
 
+def analytic_prediction(x: torch.Tensor, x0: Sequence[float], alpha: float, sigma: float) -> Denoised:
+    """The analytical first step's "evaluation": x0_hat = c (constant), eps_hat = (x - alpha c)/sigma.
+
+    ``x0`` holds 1 value (a scalar), C = x.shape[1] values (one per channel) or one value per
+    element of a sample (x.shape[1:]).
+    """
+    values = torch.as_tensor(list(x0), dtype=x.dtype, device=x.device)
+    per_sample = math.prod(x.shape[1:])
+    if values.numel() == 1:
+        c = values.reshape((1,) * x.ndim)
+    elif x.ndim >= 2 and values.numel() == x.shape[1]:
+        c = values.reshape(1, -1, *([1] * (x.ndim - 2)))
+    elif values.numel() == per_sample:
+        c = values.reshape(1, *x.shape[1:])
+    else:
+        raise ValueError(
+            f"afs has {values.numel()} values; a state of shape {tuple(x.shape)} needs 1, "
+            f"{x.shape[1] if x.ndim >= 2 else 1} (per channel) or {per_sample} (per element)"
+        )
+    x0_hat = c.expand_as(x)
+    return Denoised(x0_hat, (x - alpha * x0_hat) / sigma)
+
+
 def integrate(
     model_fn,
     x: torch.Tensor,
@@ -310,6 +457,9 @@ def integrate(
 ) -> tuple[torch.Tensor, list[Denoised]]:
     """Run the planned steps from state x. Returns (x at the last grid time, grid evaluations).
 
+    A plan with ``afs`` (analytical first step) takes :func:`analytic_prediction` instead of a model
+    evaluation at its first point.
+
     ``modifier(den, x, t, step_index, primary) -> tensor`` may replace the primary prediction used
     in the zeroth-order term (DualFast); derivative estimates always use raw evaluations.
     """
@@ -317,7 +467,10 @@ def integrate(
     carried: Denoised | None = None
     n = len(plans)
     for p in plans:
-        den = carried if carried is not None else model_fn.predict(x, p.t_s, **cond)
+        if p.afs is not None:
+            den = analytic_prediction(x, *p.afs)
+        else:
+            den = carried if carried is not None else model_fn.predict(x, p.t_s, **cond)
         carried = None
         hist.append(den)
         primary = getattr(den, p.predictor.primary)
