@@ -20,13 +20,14 @@ the dataset has a test split. The decision rule (docs/alignment.md, "Pre-registe
                   (log-log interpolation between evaluations; when the aligned arm never gets there,
                   (steps vanilla:0 needs for the aligned fd at b) / b, below 1)
     A/A(b)      = the same with vanilla:1 in place of the aligned arm
-    counted     only when speed-up(b) > max(A/A(b), 1 / A/A(b)), at b = 50 % and 100 % of the budget
+    counted     only when speed-up(b) > max(A/A(b), 1 / A/A(b), 1 + --min-effect), at b = 50 % and
+                100 % of the budget
 
 plus the step-time overhead of the aligned step (median seconds per step over the trainer's logging
 windows, same process) and its analytic FLOPs overhead.
 
     python scripts/align_experiment.py --out runs/align14 --features CLASSIFIER_DIR --stats STATS.npz \\
-        --time-budget-s 530 --export $OUT/align14                     # GPU (docs/alignment.md)
+        --time-budget-s 540 --export $OUT/align14                     # GPU (docs/alignment.md)
     python scripts/align_experiment.py --smoke --out /tmp/align_smoke   # CPU, every code path, ~15 s
 
 Resumable: every arm writes ``<out>/<arm>/`` (engine checkpoints, ``metrics.jsonl``); the same command
@@ -263,19 +264,23 @@ def protocol_of(args) -> dict:
     return json.loads(json.dumps(out))  # tuples -> lists, as the file holds them
 
 
-def check_protocol(path: Path, protocol: dict) -> None:
-    """Write ``protocol.json`` on the first call; later calls must repeat it exactly."""
-    if not path.is_file():
-        write_text_atomic(path, json.dumps(protocol, indent=1))
-        return
-    saved = ckpt_io.read_json(path)
-    diff = {k: (saved.get(k), protocol.get(k)) for k in sorted(set(saved) | set(protocol))
-            if saved.get(k) != protocol.get(k)}
-    if diff:
-        lines = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ProtocolMismatchError(
-            f"{path} records another recipe than this command ({lines}). Resuming would mix two "
-            "experiments: repeat the recorded options, or start a new one with another --out.")
+def check_protocol(out: Path, protocol: dict, log) -> None:
+    """``<out>/protocol.json`` pins the recipe once an arm has trained; a later call must repeat it."""
+    path = out / "protocol.json"
+    if path.is_file():
+        saved = ckpt_io.read_json(path)
+        diff = {k: (saved.get(k), protocol.get(k)) for k in sorted(set(saved) | set(protocol))
+                if saved.get(k) != protocol.get(k)}
+        trained = sorted(str(f.parent.name) for f in out.glob("*/metrics.jsonl"))
+        if diff and trained:
+            lines = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ProtocolMismatchError(
+                f"{path} records another recipe than this command ({lines}), and arms {trained} have "
+                "trained with it. Resuming would mix two experiments: repeat the recorded options, or "
+                "start a new one with another --out.")
+        if diff:
+            log(f"{path}: no arm has trained yet; replacing the recorded recipe ({sorted(diff)})")
+    write_text_atomic(path, json.dumps(protocol, indent=1))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -388,7 +393,7 @@ class Evaluator:
         # The evaluation must not draw from the training's global RNG (the DiT built below
         # initialises its weights; label dropout reads the same RNG): otherwise when and where an
         # evaluation runs would change the training that follows it.
-        devices = [self.device] if self.device.type == "cuda" else []
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             return self._evaluate(ema_model)
 
@@ -480,16 +485,22 @@ def run_arm(args, arm: Arm, ctx: dict, eval_at: list[int], time_limit: float | N
     return {"step": result.step, "stopped_by": result.stopped_by, "head": head}
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """Step of the arm's latest checkpoint (None before its first)."""
+    latest = ckpt_io.read_latest(run_dir / "checkpoints")
+    if latest is None or not latest.is_dir():
+        return None
+    return int(ckpt_io.read_json(latest / ckpt_io.STATE_DIR / "trainer.json")["step"])
+
+
 def evaluate_missing(run_dir: Path, eval_at: list[int], model: DiT, evaluator, log) -> None:
     """Evaluate the latest checkpoint's EMA weights when its step is an evaluation step that
     metrics.jsonl lacks: a call that ended between writing that checkpoint and evaluating it
     (the engine checkpoints first) resumes after the step and would never evaluate it."""
+    step = checkpoint_step(run_dir)
+    if step is None or step not in eval_at or step in read_curves(run_dir)["curve"]["step"]:
+        return
     latest = ckpt_io.read_latest(run_dir / "checkpoints")
-    if latest is None or not latest.is_dir():
-        return
-    step = int(ckpt_io.read_json(latest / ckpt_io.STATE_DIR / "trainer.json")["step"])
-    if step not in eval_at or step in read_curves(run_dir)["curve"]["step"]:
-        return
     with torch.random.fork_rng(devices=[]):  # building a DiT draws initial weights
         ema = DiT(**model.config())
     ema.load_state_dict(ckpt_io.load_weights(latest / ckpt_io.EMA_FILE))
@@ -677,6 +688,49 @@ def plot(out: Path, report: dict) -> Path:
     return path
 
 
+def write_reports(args, out: Path, arm_status: dict, eval_at: list[int], extractor, ref, device,
+                  t_start: float) -> dict:
+    """results.json / results.md / curve.png / samples_<arm>.png from every arm's metrics.jsonl
+    (arms of earlier calls included), copied to ``--export``."""
+    runs = {arm.name: {**read_curves(out / arm.name), **arm_status[arm.name]} for arm in args.arms}
+    for arm in args.arms:  # not run in this call: where its checkpoints got to
+        if runs[arm.name]["step"] is None:
+            runs[arm.name]["step"] = checkpoint_step(out / arm.name)
+    report = {
+        "complete": all(r["step"] == args.steps and r["curve"]["step"] == eval_at for r in runs.values()),
+        "arms": {a.name: a.spec for a in args.arms},
+        "runs": runs,
+        "summary": analyse(args, args.arms, runs),
+        "protocol": protocol_of(args),
+        "protocol_eval": {
+            "metric": f"fd_{extractor.name}", "features": extractor.protocol(), "reference": ref.source,
+            "reference_n": ref.n, "eval_samples": args.eval_samples, "solver": args.solver,
+            "sample_steps": args.sample_steps, "sample_seed": args.sample_seed, "guidance": "none",
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "weights": "EMA", "labels": "i mod num_classes", "eval_steps": eval_at,
+            "interpolation": "log-log between evaluations",
+        },
+        "machine": {"device": str(device), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "seconds_this_call": time.time() - t_start,
+    }
+    write_text_atomic(out / "results.json", json.dumps(report, indent=1, default=str))
+    write_table(out, report)
+    plot(out, report)
+    for arm in args.arms:  # the latest sample grid of every arm
+        grids = sorted((out / arm.name / "samples").glob("step_*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], out / f"samples_{arm.name}.png")
+    if args.export:
+        export = Path(args.export)
+        export.mkdir(parents=True, exist_ok=True)
+        for f in ["results.json", "results.md", "curve.png", "log.txt", "protocol.json",
+                  *[p.name for p in out.glob("samples_*.png")]]:
+            if (out / f).is_file() and (out / f).stat().st_size < 16e6:
+                shutil.copyfile(out / f, export / f)
+    return report
+
+
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -704,7 +758,7 @@ def _main(args, out: Path, t_start: float, log) -> dict:
     if args.ref_size is None:
         args.ref_size = 32 if args.data == "cifar10" else args.image_size
     protocol = protocol_of(args)
-    check_protocol(out / "protocol.json", protocol)
+    check_protocol(out, protocol, log)
     log(f"recipe: {json.dumps(protocol)}")
 
     train_set, test_set, ae = prepare_latents(args, device, log)
@@ -730,52 +784,21 @@ def _main(args, out: Path, t_start: float, log) -> dict:
 
     deadline = t_start + args.time_budget_s if args.time_budget_s else None
     reserve = 30.0  # for the stop's checkpoint, sample grid and evaluation, and the reports
-    arm_status = {}
+    arm_status = {a.name: {"step": None, "stopped_by": "not started", "head": None} for a in args.arms}
+    report = None
     for arm in args.arms:
         time_limit = None
         if deadline is not None:
             time_limit = deadline - reserve - time.time()
             if time_limit <= 0:
                 log(f"{arm.spec}: not started, the call's time budget is spent (run the command again)")
-                arm_status[arm.name] = {"step": None, "stopped_by": "time_budget", "head": None}
                 continue
         arm_status[arm.name] = run_arm(args, arm, ctx, eval_at, time_limit, log)
-
-    runs = {}
-    for arm in args.arms:
-        runs[arm.name] = {**read_curves(out / arm.name), **arm_status[arm.name]}
-    complete = all(r["step"] == args.steps and r["curve"]["step"] == eval_at for r in runs.values())
-    report = {
-        "complete": complete,
-        "arms": {a.name: a.spec for a in args.arms},
-        "runs": runs,
-        "summary": analyse(args, args.arms, runs),
-        "protocol": protocol,
-        "protocol_eval": {
-            "metric": f"fd_{extractor.name}", "features": extractor.protocol(), "reference": ref.source,
-            "reference_n": ref.n, "eval_samples": args.eval_samples, "solver": args.solver,
-            "sample_steps": args.sample_steps, "sample_seed": args.sample_seed, "guidance": "none",
-            "weights": "EMA", "labels": "i mod num_classes", "eval_steps": eval_at,
-            "interpolation": "log-log between evaluations",
-        },
-        "machine": {"device": str(device), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-        "seconds_this_call": time.time() - t_start,
-    }
-    write_text_atomic(out / "results.json", json.dumps(report, indent=1, default=str))
-    write_table(out, report)
-    plot(out, report)
-    for arm in args.arms:  # the final sample grid of every arm
-        grids = sorted((out / arm.name / "samples").glob("step_*.png"))
-        if grids:
-            shutil.copyfile(grids[-1], out / f"samples_{arm.name}.png")
-    if args.export:
-        export = Path(args.export)
-        export.mkdir(parents=True, exist_ok=True)
-        for f in ["results.json", "results.md", "curve.png", "log.txt", "protocol.json",
-                  *[p.name for p in out.glob("samples_*.png")]]:
-            if (out / f).is_file() and (out / f).stat().st_size < 16e6:
-                shutil.copyfile(out / f, export / f)
+        # after every arm, so that a call cut short still leaves (and exports) what it measured
+        report = write_reports(args, out, arm_status, eval_at, extractor, ref, device, t_start)
+    if report is None:
+        report = write_reports(args, out, arm_status, eval_at, extractor, ref, device, t_start)
+    complete = report["complete"]
     status = "complete" if complete else "INCOMPLETE: run the same command again to continue"
     log(f"{status}; results in {out / 'results.md'}")
     for arm, entry in report["summary"]["arms"].items():

@@ -435,3 +435,19 @@ def test_experiment_resumes_to_the_uninterrupted_numbers(smoke_run, tmp_path):
     assert third["complete"]
     made_up = third["runs"]["vanilla_s0"]["curve"]["fd"]
     assert made_up == pytest.approx(full["runs"]["vanilla_s0"]["curve"]["fd"], rel=1e-9)
+
+
+def test_experiment_out_of_time_starts_nothing_and_says_so(tmp_path):
+    """A call whose --time-budget-s is spent before an arm starts leaves that arm for the next call
+    and still writes (incomplete) results."""
+    report = _experiment().main(["--smoke", "--out", str(tmp_path), "--time-budget-s", "0.001"])
+    assert not report["complete"]
+    assert all(r["step"] is None and r["stopped_by"] == "not started" for r in report["runs"].values())
+    assert "not started, the call's time budget is spent" in (tmp_path / "log.txt").read_text()
+    assert report["summary"]["arms"]["aligned:0"]["1.0"] == {}
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "curve.png").is_file()
+    # nothing has trained yet, so another recipe may still replace the recorded one
+    _experiment().main(["--smoke", "--out", str(tmp_path), "--time-budget-s", "0.001", "--lr", "0.002"])
+    assert json.loads((tmp_path / "protocol.json").read_text())["lr"] == 0.002
+    log = (tmp_path / "log.txt").read_text()
+    assert "no arm has trained yet; replacing the recorded recipe (['lr'])" in log
