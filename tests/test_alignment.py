@@ -451,3 +451,28 @@ def test_experiment_out_of_time_starts_nothing_and_says_so(tmp_path):
     assert json.loads((tmp_path / "protocol.json").read_text())["lr"] == 0.002
     log = (tmp_path / "log.txt").read_text()
     assert "no arm has trained yet; replacing the recorded recipe (['lr'])" in log
+
+
+def test_experiment_with_classifier_features_and_a_stats_file(tmp_path):
+    """--features <classifier dir> gives fd_<classifier> and class accuracy; --stats <file> (here the
+    reference the first call computed and cached) gives the same numbers without the dataset's
+    statistics being recomputed."""
+    from difftools.data.base import DatasetInfo
+    from difftools.metrics.classifier import FitResult, save_classifier
+    from difftools.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    clf = Classifier(1, 16, 10, widths=(4, 8), depth=1, name="clf_tiny").eval()
+    info = DatasetInfo("digits", 1, 16, 10, tuple(str(k) for k in range(10)))
+    clf_dir = save_classifier(tmp_path / "clf", clf, info, FitResult(0.0, 0.0, 0, 0.0))
+    exp = _experiment()
+    common = ["--smoke", "--features", str(clf_dir), "--arms", "vanilla:0", "aligned:0", "--steps", "4",
+              "--eval-fractions", "0.5", "1.0"]
+    first = exp.main([*common, "--out", str(tmp_path / "a")])
+    curve = first["runs"]["aligned_s0"]["curve"]
+    assert first["protocol_eval"]["metric"] == "fd_clf_tiny" and curve["step"] == [2, 4]
+    assert all(0.0 <= a <= 1.0 for a in curve["class_acc"])
+    (stats,) = (tmp_path / "a" / "cache" / "stats").glob("*.npz")
+    second = exp.main([*common, "--out", str(tmp_path / "b"), "--stats", str(stats)])
+    assert second["runs"]["aligned_s0"]["curve"]["fd"] == pytest.approx(curve["fd"], rel=1e-9)
+    assert not (tmp_path / "b" / "cache").exists()
