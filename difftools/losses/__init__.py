@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch.nn as nn
 
 from difftools.config import check_node, signature_schema
-from difftools.losses.alignment import AlignedLoss
+from difftools.losses.alignment import build_aligned_loss
 from difftools.losses.autoencoder import AutoencoderLoss
 from difftools.losses.classification import ClassificationLoss
 from difftools.losses.denoising import T_DISTRIBUTIONS, WEIGHTINGS, DenoisingLoss, DenoisingTerms
@@ -21,7 +21,8 @@ __all__ = ["AutoencoderLoss", "ClassificationLoss", "DenoisingLoss", "DenoisingT
 
 _DENOISING_KEYS = ("prediction", "t_distribution", "weighting", "t_min", "t_max", "t_mean", "t_std",
                    "min_snr_gamma", "sigma_data")
-_ALIGN_SCHEMA = {"weight": float, "depth": int, "features": str, "beta": float, "widths": list[int] | None}
+_ALIGN_SCHEMA = {"weight": float, "depth": int | None, "features": str, "beta": float,
+                 "widths": list[int] | None}
 
 
 def check_loss_node(cfg_loss: Mapping) -> dict:
@@ -38,9 +39,10 @@ def build_loss(cfg_loss: Mapping, model: nn.Module, process, vae=None) -> nn.Mod
     """Build the training loss from the ``loss`` config node.
 
     Keys: the :class:`DenoisingLoss` arguments, plus an optional ``align`` subtree (SRA² feature
-    alignment, :mod:`difftools.losses.alignment`): ``weight`` (0 = off), ``depth``, ``features``,
-    ``beta``, ``widths``. The model is only read (hidden size, patch size, channels); the loss must
-    not keep it as a submodule, or its parameters would be counted twice.
+    alignment, :mod:`difftools.losses.alignment`): ``weight`` (0 = off), ``depth`` (null = from the
+    model depth), ``features``, ``beta``, ``widths`` (null = 2D each). The model is only read
+    (hidden size, depth, patch size, channels); the loss must not keep it as a submodule, or its
+    parameters would be counted twice.
     """
     cfg = check_loss_node(cfg_loss)
     align = cfg.pop("align", None)
@@ -48,13 +50,4 @@ def build_loss(cfg_loss: Mapping, model: nn.Module, process, vae=None) -> nn.Mod
     align = {k: align[k] for k in align} if align is not None else {}
     if float(align.get("weight", 0.0) or 0.0) <= 0.0:
         return loss
-    features = align.get("features", "latent")
-    if features == "encoder":
-        target_channels = vae.feature_channels("encoder")
-    else:
-        target_channels = model.in_channels
-    widths = align.get("widths")
-    return AlignedLoss(loss, hidden_size=model.hidden_size, patch_size=model.patch_size,
-                       target_channels=target_channels, depth=int(align.get("depth", 2)),
-                       weight=float(align["weight"]), beta=float(align.get("beta", 0.05)), features=features,
-                       widths=None if widths is None else [int(w) for w in widths], vae=vae)
+    return build_aligned_loss(loss, align, model, vae)
