@@ -100,7 +100,8 @@ class GaussianDuality:
         visible = w.argmax(-1) == x0
         return torch.where(visible, x0, torch.full_like(x0, self.mask_id))
 
-    def thresholds(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def thresholds(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """tau = max_{j != x0} eps_j - eps_x0: the token is visible exactly when r_t > tau."""
         own = eps.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         others = eps.scatter(-1, x0.unsqueeze(-1), float("-inf")).amax(-1)
