@@ -57,10 +57,10 @@ class ExperimentConfig:
     val_fraction: float = 0.1
     data_root: str | None = None
     teacher: dict = field(default_factory=lambda: dict(dim=96, depth=3, heads=4))
-    teacher_train: dict = field(default_factory=lambda: dict(batch_size=64, max_steps=1500, lr=1e-3,
+    teacher_train: dict = field(default_factory=lambda: dict(batch_size=64, max_steps=1200, lr=1e-3,
                                                              warmup_steps=100))
     judge: dict = field(default_factory=lambda: dict(dim=96, depth=3, heads=4))
-    judge_train: dict = field(default_factory=lambda: dict(batch_size=64, max_steps=800, lr=1e-3,
+    judge_train: dict = field(default_factory=lambda: dict(batch_size=64, max_steps=600, lr=1e-3,
                                                            warmup_steps=100))
     base_steps: int = 64
     rounds: int = 4
@@ -77,7 +77,8 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     eval_steps: list[int] = field(default_factory=lambda: [4, 8, 16, 64])
     samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
-    round_samplers: list[str] | None = None  #: samplers of the rounds before the last (None: ``samplers``)
+    round_samplers: list[str] | None = field(default_factory=lambda: ["deterministic"])
+    #: ^ samplers of the rounds before the last (None: ``samplers``; the last round and the teacher use both)
     num_samples: int = 64
     eval_batch: int = 256
     trainer: dict = field(default_factory=lambda: dict(device="cpu", cpu_threads=1, log_every=50,
@@ -109,7 +110,6 @@ PRESETS = {
               Arm("coupled_forward", "trajectory", "forward"),
               Arm("sdtt", "sdtt", "forward"), Arm("mdlm_control", "mdlm", "forward")],
         eval_steps=[4, 8, 16, 32, 64, 128, 256], num_samples=512, eval_batch=512,
-        round_samplers=["deterministic"],
         trainer=dict(device="auto", log_every=100, ckpt_every=1000),
     ),
 }
