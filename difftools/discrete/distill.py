@@ -92,11 +92,9 @@ class DistillObjective(OwnBatches):
 
     def forward(self, k, generator):
         x0, gen = self.draw(k)
-        device = self.device
         if self.pairs == "mdlm":
             t, z_t = self.process.corrupt(x0, gen)
-            logits = self.model(z_t.to(device))
-            return self.process.loss(logits, x0.to(device), z_t.to(device), t.to(device)), {}
+            return self.process.loss(self.model(z_t), x0, z_t, t), {}
         t, s = pair_times(x0.shape[0], self.dt, self.t_min, gen)
         pair = make_pair(self.pairs, self.teacher, self.process, x0, t, s, self.substeps, gen)
         loss = distill_loss(self.model(pair.z_t), pair, self.process.mask_id, self.divergence_kind)

@@ -40,7 +40,7 @@ class CausalLMObjective(OwnBatches):
 
     def forward(self, k, generator):
         x, _ = self.draw(k)
-        return sequence_nll(self.model, x.to(self.device)).mean(), {}
+        return sequence_nll(self.model, x).mean(), {}
 
     @torch.no_grad()
     def evaluate(self, ema_model, step: int) -> dict:

@@ -48,18 +48,20 @@ class MaskedDiffusion:
         return -self.d_alpha(t) / (1.0 - self.alpha(t))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Stratified ("low-discrepancy", as in MDLM) t in [t_min, 1]: lower-variance ELBO estimate."""
-        u = (
-            torch.arange(n, dtype=torch.float64) + torch.rand((), generator=generator, dtype=torch.float64)
-        ) / n
+        """Stratified ("low-discrepancy", as in MDLM) t in [t_min, 1]: lower-variance ELBO estimate
+        (on the generator's device)."""
+        device = generator.device if generator is not None else None
+        shift = torch.rand((), generator=generator, dtype=torch.float64, device=device)
+        u = (torch.arange(n, dtype=torch.float64, device=device) + shift) / n
         return self.t_min + (1.0 - self.t_min) * u
 
     def mask(
         self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """z_t ~ q(z_t | x0): keep each token with probability alpha_t (t: scalar or [B])."""
-        alpha = self.alpha(t).reshape(-1, *([1] * (x0.ndim - 1)))
-        keep = torch.rand(x0.shape, generator=generator, dtype=torch.float64) < alpha
+        """z_t ~ q(z_t | x0): keep each token with probability alpha_t (t: scalar or [B]; draws on x0's
+        device, which must be the generator's)."""
+        alpha = self.alpha(t).reshape(-1, *([1] * (x0.ndim - 1))).to(x0.device)
+        keep = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x0.device) < alpha
         return torch.where(keep, x0, torch.full_like(x0, self.mask_id))
 
     def loss(
@@ -76,8 +78,7 @@ class MaskedDiffusion:
     def corrupt(
         self, x0: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, z_t): stratified times and the masked batch (drawn on x0's device, CPU for a CPU
-        generator)."""
+        """(t, z_t): stratified times and the masked batch (on x0's device, the generator's)."""
         t = self.sample_t(x0.shape[0], generator)
         return t, self.mask(x0, t, generator)
 

@@ -80,8 +80,15 @@ class OwnBatches(Objective):
         return itertools.count(start)
 
     def draw(self, k: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Micro-batch k: x0 from ``batch_fn`` and the generator of its noise, both on the model's
+        device. On the CPU the noise continues the data's generator; on a GPU it comes from a GPU
+        generator seeded the same way (the CPU would otherwise draw every mask and Gumbel vector)."""
         gen = batch_generator(self.seed, int(k), self.rank)
-        return self.batch_fn(self.per_device_batch, gen), gen
+        x0 = self.batch_fn(self.per_device_batch, gen)
+        device = self.device
+        if device.type != "cpu":
+            gen = torch.Generator(device=device).manual_seed(gen.initial_seed())
+        return x0.to(device), gen
 
     def checkpoint_meta(self, step: int) -> dict:
         return ckpt_io.checkpoint_meta(self.model, kind=self.kind, dataset_info=self.dataset_info, step=step)
@@ -105,9 +112,7 @@ class MaskedLMObjective(OwnBatches):
     def forward(self, k, generator):
         x0, gen = self.draw(k)
         t, z_t = self.process.corrupt(x0, gen)
-        device = self.device
-        loss = self.process.loss(self.model(z_t.to(device)), x0.to(device), z_t.to(device), t.to(device))
-        return loss, {}
+        return self.process.loss(self.model(z_t), x0, z_t, t), {}
 
     @torch.no_grad()
     def evaluate(self, ema_model, step: int) -> dict:

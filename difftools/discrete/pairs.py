@@ -51,8 +51,10 @@ class Pair:
 
 
 def pair_times(batch: int, dt: float, t_min: float, generator: torch.Generator | None = None):
-    """(t, s) [B] float64 as in Duo: t = min(t_min + (1 - t_min) u + dt, 1), s = t - dt."""
-    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    """(t, s) [B] float64 as in Duo: t = min(t_min + (1 - t_min) u + dt, 1), s = t - dt (on the
+    generator's device)."""
+    device = generator.device if generator is not None else None
+    u = torch.rand(batch, generator=generator, dtype=torch.float64, device=device)
     t = (t_min + (1.0 - t_min) * u + dt).clamp(max=1.0)
     return t, t - dt
 
@@ -89,7 +91,8 @@ def teacher_path(teacher, process: MaskedDiffusion, z_t: torch.Tensor, t, s, sub
         if noise is not None:
             z_next, revealed = deterministic_step(logits, z, r[i + 1], noise, mask_id)
         else:
-            z_next, revealed = ancestral_step(probs.double().cpu(), z, process.alpha(times[i]),
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            z_next, revealed = ancestral_step(probs.double().to(gen_device), z, process.alpha(times[i]),
                                               process.alpha(times[i + 1]), mask_id, generator)
         target[revealed] = probs[revealed]
         z = z_next

@@ -50,13 +50,14 @@ class RevealNoise:
     @classmethod
     def draw(cls, shape: tuple[int, int], vocab_size: int, generator: torch.Generator | None = None,
              x0: torch.Tensor | None = None) -> RevealNoise:
-        """One draw for ``shape`` = (B, L) sequences (on the CPU): eps ~ N(0, I_V) per position gives
-        tau (against token ``x0``, or token 0 when sampling from all-[MASK]); then U(0, 1) draws
-        give g = -log(-log U)."""
-        eps = torch.randn((*shape, vocab_size), generator=generator, dtype=torch.float64)
-        tokens = x0 if x0 is not None else torch.zeros(shape, dtype=torch.long)
+        """One draw for ``shape`` = (B, L) sequences (on the generator's device): eps ~ N(0, I_V) per
+        position gives tau (against token ``x0``, or token 0 when sampling from all-[MASK]); then
+        U(0, 1) draws give g = -log(-log U)."""
+        device = generator.device if generator is not None else None
+        eps = torch.randn((*shape, vocab_size), generator=generator, dtype=torch.float64, device=device)
+        tokens = x0.to(eps.device) if x0 is not None else torch.zeros(shape, dtype=torch.long, device=device)
         tau = GaussianDuality.thresholds(tokens, eps)
-        u = torch.rand((*shape, vocab_size), generator=generator, dtype=torch.float64)
+        u = torch.rand((*shape, vocab_size), generator=generator, dtype=torch.float64, device=device)
         return cls(tau=tau, gumbel=-torch.log(-torch.log(u)))
 
     def to(self, device) -> RevealNoise:
@@ -66,8 +67,8 @@ class RevealNoise:
 def step_times(t, s, steps: int) -> torch.Tensor:
     """Uniform sub-grid from t to s, [steps + 1, B] (float64); t, s scalars or [B]."""
     t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
-    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
-    frac = torch.arange(steps + 1, dtype=torch.float64).unsqueeze(1) / steps
+    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1).to(t.device)
+    frac = torch.arange(steps + 1, dtype=torch.float64, device=t.device).unsqueeze(1) / steps
     return t + (s - t) * frac
 
 
@@ -83,14 +84,15 @@ def deterministic_step(logits: torch.Tensor, z: torch.Tensor, r_next: torch.Tens
 def ancestral_step(probs: torch.Tensor, z: torch.Tensor, alpha_t: torch.Tensor, alpha_s: torch.Tensor,
                    mask_id: int, generator: torch.Generator | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z at time t -> z at time s, stochastically: tokens from ``probs`` [B, L, V] (float64 on the
-    CPU, like the generator), reveals with probability (alpha_s - alpha_t) / (1 - alpha_t) ([B] or
+    """z at time t -> z at time s, stochastically: tokens from ``probs`` [B, L, V] (float64, on the
+    generator's device), reveals with probability (alpha_s - alpha_t) / (1 - alpha_t) ([B] or
     scalar). Returns (z_s, revealed mask) on z's device."""
-    device = z.device
-    z = z.cpu()
+    device, here = z.device, probs.device
+    z = z.to(here)
     x = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(z.shape)
-    p_reveal = ((alpha_s - alpha_t) / (1.0 - alpha_t)).reshape(-1, 1)
-    reveal = (z == mask_id) & (torch.rand(z.shape, generator=generator, dtype=torch.float64) < p_reveal)
+    p_reveal = ((alpha_s - alpha_t) / (1.0 - alpha_t)).reshape(-1, 1).to(here)
+    u = torch.rand(z.shape, generator=generator, dtype=torch.float64, device=here)
+    reveal = (z == mask_id) & (u < p_reveal)
     return torch.where(reveal, x, z).to(device), reveal.to(device)
 
 
