@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -496,3 +497,41 @@ def test_text_dataset_and_ngram(tmp_path):
     assert ngram.nll(real) < 0.6 and ngram.nll(shuffled) > 2.5  # measured 0.50 and 2.92 (ln V = 2.71)
     assert unigram_entropy(torch.zeros(10, dtype=torch.long), 4) == 0.0
     assert unigram_entropy(torch.arange(4), 4) == pytest.approx(math.log(4))
+
+
+def test_arms_experiment_runs_resumes_and_refuses_another_config(tmp_path, capsys):
+    """The experiment script at toy scale: a zero time limit does nothing; a full call trains teacher,
+    judge and two arms, evaluates every round and writes the table and plot; a second call redoes
+    nothing; another configuration on the same directory is refused."""
+    import json
+    import runpy
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "tinyshakespeare.txt").write_text("to be or not to be, that is the question\n" * 60)
+    out = tmp_path / "exp"
+    tiny = {"dim": 16, "depth": 1, "heads": 2}
+    train = {"batch_size": 8, "max_steps": 4, "lr": 1e-3, "warmup_steps": 1}
+    sets = [f"data_root={tmp_path}", "seq_len=8", f"teacher={json.dumps(tiny)}", f"judge={json.dumps(tiny)}",
+            f"teacher_train={json.dumps(train)}", f"judge_train={json.dumps(train)}", "rounds=2",
+            "base_steps=8", "steps_per_round=2", "distill_batch=8", "seeds=[0]", "eval_steps=[2]",
+            "num_samples=4",
+            'arms=[{"name": "coupled_reverse", "pairs": "trajectory"}, {"name": "control", "pairs": "mdlm"}]',
+            'trainer={"device": "cpu", "log_every": 1, "ckpt_every": 2}']
+    argv = ["--preset", "cpu", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "mcd_experiment.py")
+    main = runpy.run_path(script)["main"]
+    assert main(argv + ["--time-limit", "0"]) == 3 and not (out / "teacher").exists()
+    assert main(argv) == 0
+    rows = json.loads((out / "eval.json").read_text())
+    # teacher: 2 samplers; each arm: round 1 deterministic only, round 2 (the last) both samplers
+    assert len(rows) == 2 + 2 * 3
+    assert {r["model"] for r in rows.values()} == {"teacher", "coupled_reverse", "control"}
+    assert all(r["gen_ppl"] > 1 and r["n"] == 4 and r["nfe"] == 2 for r in rows.values())
+    table = (out / "summary.md").read_text()
+    assert "| coupled_reverse | 2 | ancestral | 2 | 4 |" in table and (out / "arms.png").stat().st_size > 0
+    metrics = (out / "teacher" / "metrics.jsonl").read_text()
+    assert main(argv) == 0  # everything done: nothing is trained or evaluated again
+    assert json.loads((out / "eval.json").read_text()) == rows
+    assert (out / "teacher" / "metrics.jsonl").read_text() == metrics
+    assert main(argv + ["--set", "rounds=1"]) == 2
+    assert "was written with another configuration" in capsys.readouterr().err
