@@ -4,6 +4,7 @@ divergences, the judge, and the discrete recipes on the training engine (exact r
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -504,7 +505,6 @@ def test_arms_experiment_runs_resumes_and_refuses_another_config(tmp_path, capsy
     """The experiment script at toy scale: a zero time limit does nothing; a full call trains teacher,
     judge and two arms, evaluates every round and writes the table and plot; a second call redoes
     nothing; another configuration on the same directory is refused."""
-    import json
     import runpy
 
     (tmp_path / "text").mkdir()
@@ -539,3 +539,59 @@ def test_arms_experiment_runs_resumes_and_refuses_another_config(tmp_path, capsy
     assert (out / "teacher" / "metrics.jsonl").read_text() == metrics
     assert main(argv + ["--set", "rounds=1"]) == 2
     assert "was written with another configuration" in capsys.readouterr().err
+
+
+def test_cli_teacher_stage_writes_an_engine_checkpoint_and_refuses_the_old_option_name(tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "tinyshakespeare.txt").write_text("to be or not to be, that is the question\n" * 60)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    base = [sys.executable, str(repo / "train" / "mcd.py"), f"data.root={tmp_path}", "data.seq_len=8",
+            "model.dim=16", "model.depth=1", "model.heads=2"]
+    run = tmp_path / "teacher"
+    proc = subprocess.run(base + ["stage=teacher", f"hydra.run.dir={run}", "train.steps=3",
+                                  "train.batch_size=8", "eval.num_samples=2", "eval.teacher_steps=[2]"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, loaded = load_token_model(run)
+    assert loaded.step == 3 and loaded.config["checkpoint"]["kind"] == "masked_lm" and model.seq_len == 8
+    rows = json.loads((run / "eval.json").read_text())
+    assert set(rows) == {"teacher/deterministic@2", "teacher/ancestral@2"}
+    bad = subprocess.run(base + ["stage=distill", f"teacher={run}", "distill.pairs=coupled",
+                                 f"hydra.run.dir={tmp_path / 'd'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'coupled', the data-built nested masks" in bad.stderr
+    assert not (tmp_path / "d" / "round1").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_rounds_and_samplers(tmp_path):
+    """On a GPU: MDLM and a trajectory / SDTT round in bf16 with noise drawn on the device, a
+    resumed round equal to the uninterrupted one, and both samplers from a CUDA model."""
+    torch.manual_seed(0)
+    process = MaskedDiffusion(K)
+    teacher = TokenTransformer(K, L, dim=32, depth=2, heads=2)
+    opts = dict(device="auto", batch_size=32, max_steps=6, lr=1e-3, warmup_steps=1)
+    Trainer(MaskedLMObjective(teacher, process, _chain, seed=0), _cfg(**opts)).train()
+    assert next(teacher.parameters()).device.type == "cuda"
+    for pairs in ("trajectory", "sdtt"):
+        students = []
+        for out in (tmp_path / f"{pairs}_a", tmp_path / f"{pairs}_b"):
+            if out.name.endswith("_b"):  # cut after one step (a process that stopped), then resumed
+                distill(copy.deepcopy(teacher), teacher, process, _chain, pairs=pairs, base_steps=8, rounds=1,
+                        steps_per_round=4, batch_size=32, out_dir=out,
+                        trainer_options=dict(device="auto", max_steps=1))
+            student = copy.deepcopy(teacher)
+            rounds = distill(student, teacher, process, _chain, pairs=pairs, base_steps=8, rounds=1,
+                             steps_per_round=4, batch_size=32, out_dir=out,
+                             trainer_options=dict(device="auto", ckpt_every=1))
+            assert rounds[0].finished and all(math.isfinite(v) for v in rounds[0].losses)
+            students.append(student)
+        for p, q in zip(*(s.parameters() for s in students), strict=True):
+            assert torch.allclose(p, q, rtol=1e-3, atol=1e-5)  # CUDA's embedding backward uses atomics
+    for sampler in ("deterministic", "ancestral"):
+        ids = sample(teacher.eval(), process, sampler, 16, L, 4, torch.Generator().manual_seed(0))
+        assert ids.shape == (16, L) and (ids < K).all()
