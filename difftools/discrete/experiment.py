@@ -101,8 +101,8 @@ PRESETS = {
     # the GPU acceptance: a 10.8 M-parameter teacher, context 256, bf16 (docs/mcd.md, "GPU plan")
     "gpu": ExperimentConfig(
         seq_len=256,
-        teacher=dict(dim=384, depth=6, heads=6, dropout=0.1),
-        teacher_train=dict(batch_size=64, max_steps=20000, lr=1e-3, warmup_steps=500, lr_decay="cosine"),
+        teacher=dict(dim=384, depth=6, heads=6, dropout=0.2),
+        teacher_train=dict(batch_size=64, max_steps=12000, lr=1e-3, warmup_steps=500, lr_decay="cosine"),
         judge=dict(dim=384, depth=6, heads=6, dropout=0.2),
         judge_train=dict(batch_size=64, max_steps=5000, lr=1e-3, warmup_steps=200, lr_decay="cosine"),
         base_steps=64, rounds=4, steps_per_round=1000, distill_batch=64, distill_lr=1e-4, distill_warmup=100,
