@@ -74,8 +74,10 @@ class GaussianDuality:
         self.vocab_size, self.mask_id = process.vocab_size, process.mask_id
 
     def snr(self, t) -> torch.Tensor:
-        """r_t = a_t / s_t = p_V^{-1}(alpha_t)."""
-        return snr_for_keep(self.process.alpha(t).clamp(0.0, 1.0), self.vocab_size)
+        """r_t = a_t / s_t = p_V^{-1}(alpha_t) (float64, on t's device; the table lookup runs on the CPU)."""
+        t = torch.as_tensor(t)
+        alpha = self.process.alpha(t.cpu()).clamp(0.0, 1.0)
+        return snr_for_keep(alpha, self.vocab_size).to(t.device)
 
     def coefficients(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, s_t) with a_t^2 + s_t^2 = 1 and a_t / s_t = r_t (a = +-1, s = 0 at r = +-inf)."""
@@ -87,7 +89,8 @@ class GaussianDuality:
         return a, s
 
     def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn((*x0.shape, self.vocab_size), generator=generator, dtype=torch.float64)
+        return torch.randn((*x0.shape, self.vocab_size), generator=generator, dtype=torch.float64,
+                           device=x0.device)
 
     def latent(self, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         """w_t = a_t e_x0 + s_t eps, [B, L, V] (t scalar or [B])."""
@@ -100,7 +103,8 @@ class GaussianDuality:
         visible = w.argmax(-1) == x0
         return torch.where(visible, x0, torch.full_like(x0, self.mask_id))
 
-    def thresholds(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def thresholds(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """tau = max_{j != x0} eps_j - eps_x0: the token is visible exactly when r_t > tau."""
         own = eps.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         others = eps.scatter(-1, x0.unsqueeze(-1), float("-inf")).amax(-1)
@@ -108,7 +112,7 @@ class GaussianDuality:
 
     def mask(self, x0: torch.Tensor, t, tau: torch.Tensor) -> torch.Tensor:
         """z_t from the thresholds (equal to project(latent(x0, t, eps), x0), without the [.., V] latent)."""
-        r = self.snr(t).reshape(-1, *([1] * (x0.ndim - 1)))
+        r = self.snr(t).reshape(-1, *([1] * (x0.ndim - 1))).to(x0.device)
         return torch.where(r > tau, x0, torch.full_like(x0, self.mask_id))
 
     def coupled_pair(self, x0: torch.Tensor, t, s, generator: torch.Generator | None = None):

@@ -1,4 +1,4 @@
-"""Masked (absorbing-state) discrete diffusion: forward masking, the MDLM ELBO loss, ancestral sampling.
+"""Masked (absorbing-state) discrete diffusion: forward masking and the MDLM ELBO loss.
 
 Forward process (MDLM, Sahoo et al., arXiv 2406.07524; Shi et al., arXiv 2406.04329): each token of
 x0 independently stays itself with probability alpha_t and becomes [MASK] (id V) otherwise,
@@ -11,10 +11,8 @@ and copies visible tokens):
     w(t) = -alpha_t' / (1 - alpha_t)   (w(t) = 1/t for the linear schedule);
 normalised per token, so it is an upper bound on nats/token.
 
-Ancestral sampler: from all-[MASK] over the grid 1 = t_0 > ... > t_N = 0; at each step one model
-call, and each still-masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)
-with a value drawn from p_theta(. | z_t). At s = 0 that probability is 1, so no [MASK] survives.
-NFE = N (one call per step, also on steps that reveal nothing: no caching, to keep NFE honest).
+The samplers (ancestral, and the Gaussian duality's deterministic one) are in
+:mod:`difftools.discrete.sampling`.
 """
 
 from __future__ import annotations
@@ -50,18 +48,20 @@ class MaskedDiffusion:
         return -self.d_alpha(t) / (1.0 - self.alpha(t))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Stratified ("low-discrepancy", as in MDLM) t in [t_min, 1]: lower-variance ELBO estimate."""
-        u = (
-            torch.arange(n, dtype=torch.float64) + torch.rand((), generator=generator, dtype=torch.float64)
-        ) / n
+        """Stratified ("low-discrepancy", as in MDLM) t in [t_min, 1]: lower-variance ELBO estimate
+        (on the generator's device)."""
+        device = generator.device if generator is not None else None
+        shift = torch.rand((), generator=generator, dtype=torch.float64, device=device)
+        u = (torch.arange(n, dtype=torch.float64, device=device) + shift) / n
         return self.t_min + (1.0 - self.t_min) * u
 
     def mask(
         self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """z_t ~ q(z_t | x0): keep each token with probability alpha_t (t: scalar or [B])."""
-        alpha = self.alpha(t).reshape(-1, *([1] * (x0.ndim - 1)))
-        keep = torch.rand(x0.shape, generator=generator, dtype=torch.float64) < alpha
+        """z_t ~ q(z_t | x0): keep each token with probability alpha_t (t: scalar or [B]; draws on x0's
+        device, which must be the generator's)."""
+        alpha = self.alpha(t).reshape(-1, *([1] * (x0.ndim - 1))).to(x0.device)
+        keep = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x0.device) < alpha
         return torch.where(keep, x0, torch.full_like(x0, self.mask_id))
 
     def loss(
@@ -75,39 +75,18 @@ class MaskedDiffusion:
         per_seq = (nll * masked).sum(1) / x0.shape[1]
         return (self.weight(t).to(nll.dtype) * per_seq).mean()
 
+    def corrupt(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, z_t): stratified times and the masked batch (on x0's device, the generator's)."""
+        t = self.sample_t(x0.shape[0], generator)
+        return t, self.mask(x0, t, generator)
+
     def training_loss(
         self, model, x0: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        t = self.sample_t(x0.shape[0], generator)
-        z_t = self.mask(x0, t, generator)
+        """The NELBO of one batch; noise drawn on the CPU, the network run on its own device."""
+        t, z_t = self.corrupt(x0, generator)
+        device = next(model.parameters()).device
+        x0, z_t, t = x0.to(device), z_t.to(device), t.to(device)
         return self.loss(model(z_t), x0, z_t, t)
-
-
-@torch.no_grad()
-def ancestral_sample(
-    model,
-    process: MaskedDiffusion,
-    batch: int,
-    seq_len: int,
-    steps: int,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, int]:
-    """N-step ancestral sampler on the uniform grid t_i = 1 - i/N; returns (ids [B, L], nfe)."""
-    if steps < 1:
-        raise ValueError(f"ancestral_sample: steps must be >= 1, got {steps}")
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    z = torch.full((batch, seq_len), process.mask_id, dtype=torch.long)
-    nfe = 0
-    for i in range(steps):
-        alpha_t, alpha_s = process.alpha(ts[i]), process.alpha(ts[i + 1])
-        logits = model(z)
-        nfe += 1
-        probs = torch.softmax(logits.double() / temperature, dim=-1)
-        x = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(z.shape)
-        p_reveal = (alpha_s - alpha_t) / (1.0 - alpha_t)
-        reveal = (z == process.mask_id) & (
-            torch.rand(z.shape, generator=generator, dtype=torch.float64) < p_reveal
-        )
-        z = torch.where(reveal, x, z)
-    return z, nfe
