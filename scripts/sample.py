@@ -3,7 +3,7 @@
 
     python scripts/sample.py ckpt=<checkpoint dir> sampler=<name> steps=<n> guidance.scale=<w> \
         num_samples=<n> seed=<s>
-    accelerate launch --num_processes <gpus> scripts/sample.py ...      # shards indices over GPUs
+    scripts/launch.sh --num_processes <gpus> scripts/sample.py ...      # shards indices over GPUs
 
 Config: conf/sample.yaml. Loads the EMA weights and the run config (difftools.checkpoint.load; the
 weights are checked against the sha256 recorded at save time unless ``verify_weights=false``),
@@ -15,6 +15,12 @@ not depend on batch size or GPU count), and writes to ``out`` (default Hydra's r
 * ``metrics.json``: per feature space the distance to the training set (``fd_<classifier>``, or
   ``fid`` with Inception weights) with KID, n and protocol; class accuracy; NFE; sampler settings;
   seconds and images/s.
+
+With several processes each draws the images i = rank, rank + N, ... and takes their features; the
+main process gathers images and features in index order and scores them, so files and numbers are
+those of one process (up to float round-off of batched kernels). Processes exchange their shares
+through ``out`` (``.shard_<rank>.pt``, deleted after the merge), so ``out`` must be one folder that
+every process sees (one host, or a shared file system).
 
 The training set's statistics come from the dataset (computed once, cached), or from statistics
 files (``metrics.stats_files=[ref.npz]``, written by ``scripts/fid.py --save-stats``, one per
@@ -40,8 +46,16 @@ from PIL import Image
 
 from difftools.checkpoint import CheckpointError, load, resolve_checkpoint
 from difftools.config import check_node
+from difftools.device import keep_nvlink_multicast_off, lone_cpu_launch
 from difftools.generate import SampleSpec, generate_uint8
-from difftools.metrics.evaluate import evaluate_samples
+from difftools.metrics.evaluate import (
+    build_features,
+    gather_shares,
+    images_sha256,
+    reference_for,
+    score_features,
+    shard_features,
+)
 from difftools.training.grid import save_grid
 from samplers.schedule import SolverSchedule
 
@@ -98,25 +112,51 @@ def build_spec(cfg: DictConfig) -> SampleSpec:
     ).validate()
 
 
-def merge_shards(out: Path, state: PartialState, labels) -> tuple[torch.Tensor, torch.Tensor | None, list]:
-    """On the main process: every process's shard file back in index order (and deleted)."""
+def process_state(device: str | None = None) -> PartialState:
+    """accelerate's process state (the process group under ``accelerate launch``): on the CPU when
+    ``device`` says so or there is no GPU (accelerate would otherwise see one process per launch
+    on a CPU-only host, each drawing every image)."""
+    keep_nvlink_multicast_off()
+    problem = lone_cpu_launch()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def reference_of(cfg: DictConfig, loaded, images: torch.Tensor) -> tuple[str, int, str | None]:
+    """(dataset, image size, data root) the samples are scored against (``metrics.*`` or the run's)."""
+    m = cfg.metrics
+    if m.dataset:
+        return str(m.dataset), int(m.image_size or images.shape[-1]), m.data_root
+    dataset, size, root = loaded.reference_dataset()
+    return dataset, int(m.image_size or size), m.data_root or root
+
+
+def merge_shards(out: Path, state: PartialState, labels) -> tuple[torch.Tensor, torch.Tensor | None, list,
+                                                                 dict]:
+    """On the main process: every process's shard file back in index order (and deleted): images,
+    labels, each process's sampling seconds and, per metric, the gathered features."""
     parts = [torch.load(out / f".shard_{r}.pt", weights_only=True) for r in range(state.num_processes)]
     order = torch.cat([p["indices"] for p in parts]).argsort()
     images = torch.cat([p["images"] for p in parts])[order]
     labels = None if labels is None else torch.cat([p["labels"] for p in parts])[order]
+    shares = {metric: gather_shares([p["shares"][metric] for p in parts], order.numpy())
+              for metric in parts[0]["shares"]}
     for r in range(state.num_processes):
         (out / f".shard_{r}.pt").unlink()
-    return images, labels, [p["seconds"] for p in parts]
+    return images, labels, [p["seconds"] for p in parts], shares
 
 
 def run(cfg: DictConfig, out: str | Path) -> dict | None:
-    """Everything but Hydra: sample this process's shard, merge on the main process, score, write."""
+    """Everything but Hydra: sample this process's shard and take its features, gather both on the
+    main process, score, write."""
     check_config(cfg)  # wrong types: fail before any work
     spec = build_spec(cfg)  # unknown sampler, steps < 1: fail before any work
     ckpt = resolve_checkpoint(cfg.ckpt)
     if int(cfg.num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
-    state = PartialState()
+    state = process_state(cfg.device)
     device = torch.device(cfg.device) if cfg.device else state.device
     out = Path(out)
     loaded = load(ckpt, use_ema=True, device=device, verify=bool(cfg.get("verify_weights", True)))
@@ -132,15 +172,27 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
     seconds = time.perf_counter() - t0
     if cfg.save.png:
         write_png(out / "images", mine, images)
+    m = cfg.metrics
+    extractors, shares = [], {}
+    if m.enabled:
+        dataset, size, root = reference_of(cfg, loaded, images)
+        with state.main_process_first():  # a missing metric classifier is trained (and cached) once
+            extractors = [build_features(str(f), dataset, size, device=device, root=root,
+                                         weights=m.inception_weights, allow_download=bool(m.allow_download))
+                          for f in m.features]
+        # each process takes the features of its own images: the feature pass scales with the processes
+        shares = {ext.metric: shard_features(images, labels, ext) for ext in extractors}
     if state.num_processes > 1:
-        shard = {"indices": torch.tensor(mine), "images": images, "labels": labels, "seconds": seconds}
+        shard = {"indices": torch.tensor(mine, dtype=torch.long), "images": images, "labels": labels,
+                 "seconds": seconds,
+                 "shares": {k: {**v, "feats": torch.from_numpy(v["feats"])} for k, v in shares.items()}}
         torch.save(shard, out / f".shard_{state.process_index}.pt")
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     seconds_all = [seconds]
     if state.num_processes > 1:
-        images, labels, seconds_all = merge_shards(out, state, labels)
+        images, labels, seconds_all, shares = merge_shards(out, state, labels)
     n = len(images)
     files = ["metrics.json"]
     if cfg.save.npz:
@@ -174,25 +226,20 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
         "metrics": {},
         "files": files,
     }
-    m = cfg.metrics
     if m.enabled:
-        if m.dataset:
-            dataset, size, root = str(m.dataset), m.image_size or images.shape[-1], m.data_root
-        else:
-            dataset, size, root = loaded.reference_dataset()
-            size, root = m.image_size or size, m.data_root or root
         rec["reference"] = f"{dataset}/{m.reference_split}/{size}px"
-        rec["metrics"] = evaluate_samples(
-            images, labels, dataset, int(size), features=[str(f) for f in m.features],
-            split=str(m.reference_split), root=root, stats_files=list(m.get("stats_files") or []),
-            with_kid=bool(m.kid), device=device, inception_weights=m.inception_weights,
-            allow_download=bool(m.allow_download), progress=bool(cfg.progress), name=str(out),
-        )
-        for metric, s in rec["metrics"].items():
-            rec[metric] = s[metric]
-            if s["class_accuracy"] is not None and rec["class_accuracy"] is None:
-                rec["class_accuracy"] = s["class_accuracy"]
-                rec["class_accuracy_classifier"] = s["protocol"].get("classifier")
+        sha = images_sha256(images)
+        for ext in extractors:
+            ref = reference_for(ext, dataset, size, str(m.reference_split), root,
+                                list(m.get("stats_files") or []), progress=bool(cfg.progress))
+            s = score_features(shares[ext.metric], ext, ref, with_kid=bool(m.kid), name=str(out),
+                               source_sha256=sha)
+            rec["metrics"][s["metric"]] = s
+    for metric, s in rec["metrics"].items():
+        rec[metric] = s[metric]
+        if s["class_accuracy"] is not None and rec["class_accuracy"] is None:
+            rec["class_accuracy"] = s["class_accuracy"]
+            rec["class_accuracy_classifier"] = s["protocol"].get("classifier")
     (out / "metrics.json").write_text(json.dumps(rec, indent=2, default=str))
     summary = {k: rec[k] for k in ("num_samples", "nfe", "images_per_second", "class_accuracy") if k in rec}
     summary.update({k: rec[k] for k in rec["metrics"]})
@@ -202,7 +249,7 @@ def run(cfg: DictConfig, out: str | Path) -> dict | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    PartialState()  # set up the process group (under accelerate launch) before broadcasting
+    process_state(cfg.device)  # set up the process group (under accelerate launch) before broadcasting
     try:
         # every process writes into the main process's folder (Hydra's timestamp may differ per process)
         out = cfg.out or broadcast_object_list([HydraConfig.get().runtime.output_dir])[0]

@@ -9,6 +9,13 @@ dx_t/dt = alpha' x0 + sigma' eps (Lipman et al. 2022, arXiv 2210.02747; Liu et a
 arXiv 2209.03003). t is drawn by ``process.sample_t``: uniform, logit-normal (Esser et al. 2024,
 arXiv 2403.03206) or EDM's log-normal (Karras et al. 2022, arXiv 2206.00364).
 
+Several processes (DDP): each holds rows ``[r b, (r + 1) b)`` of a global batch of ``w b``. With
+:meth:`DenoisingLoss.hold_rows` set, every process draws t and eps for the whole global batch from
+one generator seeded alike on every process and keeps its own rows, so sample j of a global batch
+gets the same t and eps whatever the number of processes (and a resumed run may change it). This
+costs w times the random numbers of one process' batch (for w = 8 and 256 latents of 4x32x32, 8M
+normals per step: microseconds on a GPU).
+
 Weightings are stated in x0 space. A prediction-space error relates to the x0 error by a factor:
 ||P_hat - P||^2 = c_P(t)^2 ||x0_hat - x0||^2 with c_x0 = 1, c_eps^2 = SNR, c_v = (alpha^2 + sigma^2) / sigma
 and c_flow = (alpha sigma' - sigma alpha') / sigma. A weighting with x0-space weight W(t) multiplies
@@ -76,6 +83,22 @@ class DenoisingLoss(nn.Module):
         self.t_distribution, self.weighting = t_distribution, weighting
         self.t_min, self.t_max, self.t_mean, self.t_std = float(t_min), float(t_max), t_mean, t_std
         self.min_snr_gamma, self.sigma_data = float(min_snr_gamma), float(sigma_data)
+        self.rank, self.world_size = 0, 1
+
+    def hold_rows(self, rank: int, world_size: int) -> DenoisingLoss:
+        """This process holds rows ``[rank b, (rank + 1) b)`` of each global batch of ``world_size b``:
+        draw t and eps for the global batch and keep those rows (module docstring). The generator
+        passed to :meth:`forward` must then be seeded alike on every process."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+        self.rank, self.world_size = int(rank), int(world_size)
+        return self
+
+    def _own_rows(self, draw, b: int) -> torch.Tensor:
+        """``draw(n)`` for the global batch, n = world_size b, cut to this process's b rows."""
+        if self.world_size == 1:
+            return draw(b)
+        return draw(b * self.world_size)[self.rank * b:(self.rank + 1) * b]
 
     def sample_t(self, n: int, device, generator=None) -> torch.Tensor:
         return self.process.sample_t(n, self.t_distribution, generator=generator, device=device,
@@ -108,9 +131,10 @@ class DenoisingLoss(nn.Module):
 
     def terms(self, model, x0: torch.Tensor, y=None, generator=None) -> DenoisingTerms:
         """One noised forward: draw t and eps, build x_t, run the model, score it."""
-        b = x0.shape[0]
-        t = self.sample_t(b, x0.device, generator)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        b, shape = x0.shape[0], tuple(x0.shape[1:])
+        t = self._own_rows(lambda n: self.sample_t(n, x0.device, generator), b)
+        eps = self._own_rows(
+            lambda n: torch.randn((n, *shape), generator=generator, device=x0.device, dtype=x0.dtype), b)
         x_t = self.process.marginal(x0, eps, t)
         pred = model(x_t, t, y)
         target = self.process.target(x0, eps, t, self.prediction)
@@ -127,6 +151,7 @@ class DenoisingLoss(nn.Module):
         return terms.loss, {"loss_mse": terms.per_sample.detach().mean()}
 
     def extra_repr(self) -> str:
+        rows = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
         return (f"process={self.process!r}, prediction={self.prediction!r}, "
-                f"t_distribution={self.t_distribution!r}, weighting={self.weighting!r}")
+                f"t_distribution={self.t_distribution!r}, weighting={self.weighting!r}{rows}")
 

@@ -2,7 +2,9 @@
 class accuracy of class-conditional samples, with n and the sampling protocol beside each number.
 
 * :func:`evaluate_samples` scores uint8 samples in several feature spaces (what scripts/sample.py
-  reports);
+  reports); several processes each take the features of their share (:func:`shard_features`) and
+  the main process scores the gathered features (:func:`score_features`) -- the same numbers as
+  one process, which :func:`score` runs as those two steps;
 * :func:`evaluate_checkpoint` (alias ``evaluate_run``) is what ``train/dit.py`` calls at the end of a
   run (``eval.enabled=true``): it loads the EMA weights, draws class-balanced samples with per-image
   seeds (:mod:`difftools.generate`) and scores them.
@@ -16,11 +18,13 @@ missing, :func:`~difftools.metrics.classifier.default_classifier`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from difftools.checkpoint import load
@@ -29,7 +33,7 @@ from difftools.metrics.classifier import class_accuracy, default_classifier
 from difftools.metrics.distances import result
 from difftools.metrics.features import ClassifierFeatures, FeatureExtractor, build_extractor, default_device
 from difftools.metrics.reference import pick_reference, reference_stats
-from difftools.metrics.stats import Stats, compute_stats
+from difftools.metrics.stats import Stats, extract_features, stats_from_features
 
 
 def build_features(
@@ -70,6 +74,74 @@ def reference_for(
                            cache=None if cache is None else Path(cache) / "stats", progress=progress)
 
 
+def shard_features(
+    images: torch.Tensor, labels: torch.Tensor | None, extractor: FeatureExtractor
+) -> dict:
+    """What one process contributes to a score: the features of its uint8 ``images`` (float32
+    [n, D], in the order given), the number of them classified as their ``labels`` (None for
+    unconditional samples or non-classifier features) and the seconds it took. Several processes'
+    shares, put in image order by :func:`gather_shares`, give :func:`score_features` what one process
+    would (each image's features do not depend on which others share its batch, up to float
+    round-off of batched kernels)."""
+    t0 = time.perf_counter()
+    if not len(images):  # a process with no images (fewer images than processes)
+        return {"feats": np.zeros((0, extractor.dim), np.float32), "correct": None if labels is None else 0,
+                "seconds": 0.0}
+    feats, _ = extract_features(images, extractor)
+    correct = None
+    if labels is not None and isinstance(extractor, ClassifierFeatures):
+        correct = round(class_accuracy(extractor, images, labels) * len(images))
+    return {"feats": feats, "correct": correct, "seconds": time.perf_counter() - t0}
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    """The sha256 of uint8 images [N, C, H, W] in order (what statistics record as their source)."""
+    return hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def gather_shares(shares: Sequence[dict], order: Sequence[int] | None = None) -> dict:
+    """The :func:`shard_features` of several processes as one: features concatenated and put in
+    image order (``order``: the argsort of the concatenated image indices; None = as given), class
+    counts summed (None if any is None), the slowest process's seconds."""
+    feats = np.concatenate([np.asarray(s["feats"], dtype=np.float32) for s in shares if len(s["feats"])])
+    if order is not None:
+        feats = feats[np.asarray(order)]
+    counts = [share["correct"] for share in shares]
+    return {"feats": feats, "correct": None if any(c is None for c in counts) else sum(counts),
+            "seconds": max(share["seconds"] for share in shares)}
+
+
+def score_features(
+    share: dict,
+    extractor: FeatureExtractor,
+    reference: Stats,
+    with_kid: bool = True,
+    name: str = "samples",
+    source_sha256: str = "",
+) -> dict:
+    """:func:`score` from the features of all images in image order (one :func:`shard_features`,
+    or several processes' through :func:`gather_shares`).
+
+    Keys: ``metric`` (fid | fd_<name>), ``<metric>`` (value), ``kid``, ``n_samples``,
+    ``n_reference``, ``class_accuracy`` (None for unconditional samples or non-classifier
+    features), ``feature_images_per_second`` (per process), ``protocol``."""
+    feats = share["feats"]
+    stats = stats_from_features(feats, extractor, name, source_sha256)
+    rec = result(extractor, stats, reference, with_kid, name, reference.source)
+    acc = None if share["correct"] is None else share["correct"] / max(len(feats), 1)
+    seconds = share["seconds"]  # with several processes, the slowest one's
+    return {
+        "metric": rec["metric"],
+        rec["metric"]: rec["value"],
+        "kid": rec["kid"],
+        "n_samples": rec["n_a"],
+        "n_reference": rec["n_b"],
+        "class_accuracy": acc,
+        "feature_images_per_second": len(feats) / max(seconds, 1e-9),
+        "protocol": rec["protocol"],
+    }
+
+
 def score(
     images: torch.Tensor,
     labels: torch.Tensor | None,
@@ -78,28 +150,10 @@ def score(
     with_kid: bool = True,
     name: str = "samples",
 ) -> dict:
-    """Distance of uint8 ``images`` to ``reference`` in ``extractor``'s space, plus class accuracy.
-
-    Keys: ``metric`` (fid | fd_<name>), ``<metric>`` (value), ``kid``, ``n_samples``,
-    ``n_reference``, ``class_accuracy`` (None for unconditional samples or non-classifier
-    features), ``feature_images_per_second``, ``protocol``."""
-    t0 = time.perf_counter()
-    stats = compute_stats(images, extractor)
-    seconds = time.perf_counter() - t0
-    rec = result(extractor, stats, reference, with_kid, name, reference.source)
-    acc = None
-    if labels is not None and isinstance(extractor, ClassifierFeatures):
-        acc = class_accuracy(extractor, images, labels)
-    return {
-        "metric": rec["metric"],
-        rec["metric"]: rec["value"],
-        "kid": rec["kid"],
-        "n_samples": rec["n_a"],
-        "n_reference": rec["n_b"],
-        "class_accuracy": acc,
-        "feature_images_per_second": len(images) / max(seconds, 1e-9),
-        "protocol": rec["protocol"],
-    }
+    """Distance of uint8 ``images`` to ``reference`` in ``extractor``'s space, plus class accuracy
+    (the keys of :func:`score_features`)."""
+    share = shard_features(images, labels, extractor)
+    return score_features(share, extractor, reference, with_kid, name, images_sha256(images))
 
 
 def evaluate_samples(

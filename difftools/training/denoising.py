@@ -6,6 +6,13 @@ cached latents, with sample-grid previews.
 ``loss_fn`` is any :mod:`difftools.losses` module (``DenoisingLoss``, ``AlignedLoss``): it receives
 the model at call time, so its own parameters (the alignment projector) are trained with the model
 and saved in ``state/objective.safetensors``, never exported.
+
+With a ``DenoisingLoss`` (bare or inside ``AlignedLoss``) every process draws t and eps for the whole
+global batch and keeps its rows (``global_batch_noise``), so sample j of global batch k is noised
+alike on 1 or N processes: a run's losses do not depend on the number of processes, up to the order
+of float sums (DDP averages per-process gradients), and a checkpoint resumes on any number of them.
+The DiT's label dropout draws from the global RNG (seed + rank), so with ``class_dropout_prob > 0``
+which labels are dropped still depends on the number of processes.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from difftools import checkpoint as ckpt_io
+from difftools.losses import AlignedLoss, DenoisingLoss
 from difftools.training.grid import sample_images, save_grid
 from difftools.training.objective import Objective, RunInfo
 
@@ -79,6 +87,8 @@ class DenoisingObjective(Objective):
         # cached latents (data=latents) are already encoded
         self.encode_inputs = not str(getattr(dataset_info, "name", "")).startswith("latents")
         self.grid = grid
+        self._noise_drawers = _noise_drawers(loss_fn)
+        self.global_batch_noise = self._noise_drawers is not None
 
     def forward(self, batch, generator):
         x0, y = batch
@@ -89,6 +99,8 @@ class DenoisingObjective(Objective):
         return self.loss_fn(self.model, x0, y, generator=generator)
 
     def on_start(self, run: RunInfo, resumed_from: Path | None) -> None:
+        for loss in self._noise_drawers or ():
+            loss.hold_rows(run.rank, run.world_size)
         if self.grid is None:
             self.grid = SampleGrid.from_config(run.config)
         ae = self.autoencoder
@@ -120,3 +132,13 @@ class DenoisingObjective(Objective):
         path = save_grid(images, Path(samples_dir) / f"step_{step:07d}.png", nrow=nrow)
         log.info("step %d: sample grid %s", step, path)
         return path
+
+
+def _noise_drawers(loss_fn: nn.Module) -> list[DenoisingLoss] | None:
+    """The DenoisingLoss modules that draw every random number of ``loss_fn``, or None for a loss
+    that may draw numbers of its own (then each process keeps its own noise generator)."""
+    if isinstance(loss_fn, DenoisingLoss):
+        return [loss_fn]
+    if isinstance(loss_fn, AlignedLoss) and isinstance(loss_fn.denoise, DenoisingLoss):
+        return [loss_fn.denoise]  # the alignment term draws nothing
+    return None

@@ -60,8 +60,9 @@ class RunInfo:
     Attributes:
         accelerator: the ``accelerate.Accelerator`` (``autocast()``, ``gather``, ``reduce``).
         config: the :class:`TrainerConfig`.
-        generator: the engine's per-process noise generator (on ``device``; saved in
-            ``state/rng_<rank>.pt``). The same object is passed to :meth:`Objective.forward`.
+        generator: the engine's noise generator (on ``device``; saved in ``state/rng_<rank>.pt``):
+            seeded per process, or alike on every process for an objective with
+            ``global_batch_noise``. The same object is passed to :meth:`Objective.forward`.
         dataset: the dataset given to the Trainer, or None.
         out_dir: the run directory, or None for a run that writes nothing.
     """
@@ -104,6 +105,12 @@ class Objective(nn.Module):
 
     #: checkpoint kind written to config.yaml (``dit``, ``classifier``, ...; see difftools.checkpoint)
     kind: str = "dit"
+    #: False: the engine's noise generator is seeded per process (seed + rank) and each process
+    #: draws for its own rows. True: it is seeded alike on every process and the objective draws
+    #: every random number for the whole global batch and keeps its rows (RunInfo.rank /
+    #: world_size), so a step does not depend on the number of processes and the noise stream
+    #: resumes on any number of them (DenoisingObjective with a DenoisingLoss).
+    global_batch_noise: bool = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -116,8 +123,9 @@ class Objective(nn.Module):
 
         Runs under the engine's autocast (bf16 on CUDA). ``batch`` is what the data source yields,
         moved to the device (tensors inside tuples, lists and dicts). ``generator`` is the engine's
-        per-process noise generator: draw every random number of the step from it (or from
-        generators the objective saves in :meth:`extra_state`) for exact resume. Log values are
+        noise generator (per process, or alike on every process with :attr:`global_batch_noise`):
+        draw every random number of the step from it (or from generators the objective saves in
+        :meth:`extra_state`) for exact resume. Log values are
         0-dim tensors or floats; every process must return the same keys.
         """
         raise NotImplementedError(f"{type(self).__name__} must define forward(batch, generator)")

@@ -1,5 +1,5 @@
-"""The training engine: one loop for every recipe, on CPU, one GPU and many GPUs (DDP via
-``accelerate launch``).
+"""The training engine: one loop for every recipe, on CPU, one GPU and many GPUs (DDP or FSDP2 via
+``scripts/launch.sh`` / ``accelerate launch``; several CPU processes over gloo).
 
 A recipe is an :class:`~difftools.training.objective.Objective` (what a step computes from a
 batch); everything else is here. Per optimizer step: ``grad_accum`` micro-batches, each
@@ -27,8 +27,12 @@ Checkpoint layout (the same for every recipe; :mod:`difftools.checkpoint` reads 
                  state/rng_<rank>.pt      python / numpy / torch / CUDA RNG and the noise generator
 
 Resuming restores all of it, so on CPU a resumed run reproduces the uninterrupted run's losses
-bit for bit. The state files of the loops that existed before this engine are not read (except a
-former DiT checkpoint without an alignment projector, whose files are the same).
+bit for bit. Checkpoints hold full tensors also under FSDP (:mod:`.sharding`), and the data order is a
+function of the global batch index alone (:mod:`.state`), so a run resumes on another number of
+processes; with an objective that draws its noise for the global batch (``global_batch_noise``) it
+then computes what an uninterrupted run computes, up to the order of float sums. The state files
+of the loops that existed before this engine are not read (except a former DiT checkpoint without an
+alignment projector, whose files are the same).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from difftools import checkpoint as ckpt_io
 from difftools.config import from_mapping
+from difftools.device import keep_nvlink_multicast_off, lone_cpu_launch
 from difftools.training.ema import EMA
 from difftools.training.health import (
     DivergedError,
@@ -69,6 +74,14 @@ from difftools.training.objective import (
     trained_state,
 )
 from difftools.training.optim import apply_config, build_optimizer, lr_lambda
+from difftools.training.sharding import (
+    full_optimizer_state,
+    full_state,
+    full_value,
+    local_shard,
+    shard_like,
+    shard_optimizer_state,
+)
 from difftools.training.state import BatchPlan, ResumableBatchSampler, capture_rng, restore_rng
 from difftools.training.vetting import CheckpointVetting
 from samplers.sampling import SOLVERS
@@ -152,16 +165,41 @@ class TrainResult:
 
 
 def make_accelerator(cfg: TrainerConfig):
-    """The Accelerator for ``cfg``: bf16 autocast on CUDA, fp32 on CPU (``device="cpu"`` forces CPU)."""
+    """The Accelerator for ``cfg``: bf16 autocast on CUDA, fp32 on CPU (``device="cpu"`` forces CPU;
+    several processes on the CPU talk through gloo). NVLink multicast stays off
+    (:func:`difftools.device.keep_nvlink_multicast_off`)."""
     from accelerate import Accelerator
 
     if cfg.device not in ("auto", "cpu"):
         raise ValueError(f"trainer.device must be 'auto' or 'cpu', got {cfg.device!r}")
+    keep_nvlink_multicast_off()  # before the process group exists; inherited by child processes
+    problem = lone_cpu_launch()
+    if problem:
+        log.warning(problem)
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "no" if cpu else "bf16"
-    return Accelerator(mixed_precision=mp, cpu=cpu)
+    acc = Accelerator(mixed_precision=mp, cpu=cpu)
+    if cpu and acc.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        _fsdp_on_cpu(acc)
+    return acc
+
+
+def _fsdp_on_cpu(acc) -> None:
+    """Install accelerate's FSDP plugin on a CPU (gloo) process group.
+
+    accelerate applies the plugin only to GPU-like process groups and otherwise silently trains
+    with DDP. The plugin is built here from the same ``FSDP_*`` environment that ``accelerate
+    launch`` (an FSDP config file) set, so an FSDP launch is FSDP on a CPU-only host too: slowly,
+    but it is how the FSDP path (sharded EMA, full-state checkpoints) is tested without GPUs."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    acc.state.distributed_type = DistributedType.FSDP
+    # as accelerate does for GPUs: a later AcceleratorState() copies the type back from PartialState
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def _to_device(batch, device: torch.device):
@@ -247,8 +285,9 @@ class Trainer:
         if self.device.type == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         torch.manual_seed(cfg.seed + self.acc.process_index)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            10_007 * (cfg.seed + 1) + self.acc.process_index)
+        # one noise stream for every process when the objective draws for the global batch
+        noise_rank = 0 if self.objective.global_batch_noise else self.acc.process_index
+        self.generator = torch.Generator(device=self.device).manual_seed(10_007 * (cfg.seed + 1) + noise_rank)
         check_model_not_shared(self.objective)
         if cfg.compile:
             self.model.compile()
@@ -259,10 +298,21 @@ class Trainer:
 
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
         named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
         opt, self._can_skip = build_optimizer(named, cfg, self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        if self._fsdp():
+            # FSDP shards self.model in place: previews and evaluations sample an unsharded copy (one full
+            # model per process: FSDP is for runs whose training state, not weights, outgrows a GPU)
+            self._ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.acc.mixed_precision == "bf16":
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                # accelerate's bf16 policy also reduces gradients in bf16; reduce in fp32, as DDP does
+                self.acc.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                    param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         self.module, self.opt = self.acc.prepare(self.objective, opt)
+        # FSDP replaces the parameters by sharded ones (the optimizer was switched to them)
+        self.params = [p for _, p in self.objective.named_parameters() if p.requires_grad]
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.health = HealthMonitor(cfg.nonfinite_patience, cfg.divergence_factor, cfg.divergence_window)
         self.vetting = (CheckpointVetting(self.ckpt_root, writer=self.is_main)
@@ -284,12 +334,49 @@ class Trainer:
             n_other = sum(p.numel() for p in self.params) - sum(
                 p.numel() for p in self.model.parameters() if p.requires_grad)
             log.info("model %.2fM params, other trained %d params (%s); global batch %d = %d devices x %d%s; "
-                     "mixed precision %s; device %s", n_model / 1e6, n_other, type(self.objective).__name__,
-                     cfg.batch_size, self.acc.num_processes, cfg.batch_size // self.acc.num_processes,
+                     "mixed precision %s; device %s; data parallel: %s", n_model / 1e6, n_other,
+                     type(self.objective).__name__, cfg.batch_size, self.acc.num_processes,
+                     cfg.batch_size // self.acc.num_processes,
                      f", {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else "",
-                     self.acc.mixed_precision, self.device)
+                     self.acc.mixed_precision, self.device, self._data_parallel())
+
+    def _fsdp(self) -> bool:
+        """Whether the objective is sharded with FSDP (accelerate's plugin; FSDP2 only)."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return False
+        if not self.acc.is_fsdp2:
+            raise ValueError("the difftools trainer shards with FSDP2 (accelerate config fsdp_version: 2, "
+                             "e.g. conf/accelerate/fsdp_8gpu.yaml); FSDP1 is not supported")
+        return True
+
+    def _data_parallel(self) -> str:
+        """How the processes share the work: FSDP2, DDP or none (one process)."""
+        if self.acc.num_processes == 1:
+            return "none"
+        return "FSDP2" if self._fsdp() else "DDP"
 
     def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from (None: a fresh run). With several processes the main process
+        resolves it (repairing a replace interrupted half-way, which must happen once) and the others
+        follow, so every process loads the same checkpoint."""
+        if self.acc.num_processes == 1 or not self.cfg.resume:
+            return self._find_resume()
+        from accelerate.utils import broadcast_object_list
+
+        found, error = None, None
+        if self.is_main:
+            try:
+                found = self._find_resume()
+            except ckpt_io.CheckpointError as err:
+                error = str(err)
+        found, error = broadcast_object_list([found, error])
+        if error is not None:
+            raise ckpt_io.CheckpointError(error)
+        return found
+
+    def _find_resume(self) -> Path | None:
         r = self.cfg.resume
         if not r:
             return None
@@ -382,7 +469,7 @@ class Trainer:
         self.objective.train()
         while self.step < cfg.max_steps:
             loss, logs = self._forward_backward(batches)
-            grad_norm = self.acc.clip_grad_norm_(self.params, max_norm).detach()
+            grad_norm = full_value(self.acc.clip_grad_norm_(self.params, max_norm)).detach()
             grad_norms.append(grad_norm)
             if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
                 self.opt.optimizer.found_inf = skip_flag(grad_norm)
@@ -482,9 +569,12 @@ class Trainer:
         if not window:
             return self.losses[-1] if self.losses else float("nan")
         n = len(window)
-        losses = self.acc.reduce(torch.stack(window), reduction="mean")
+        # under FSDP each process checks its shard of the weights: the flag is averaged with the losses
+        weights_ok = all_finite(local_shard(t) for t in self._weights())
+        local = torch.cat([torch.stack(window).float(), weights_ok.float().view(1).to(window[0].device)])
+        reduced = self.acc.reduce(local, reduction="mean")
+        losses, weights_ok = reduced[:n], reduced[n] == 1
         norms = torch.stack(grad_norms).float()
-        weights_ok = all_finite(self._weights()).to(losses.device)
         packed = torch.cat([losses.float(), norms.to(losses.device), weights_ok.float().view(1)]).cpu()
         values, norm_values = packed[:n].tolist(), packed[n:2 * n].tolist()
         first = self.step - n + 1
@@ -516,6 +606,8 @@ class Trainer:
             record["tflops"] = tflops
             if self.device.type == "cuda":
                 record["mfu"] = tflops / (self.cfg.peak_tflops * self.acc.num_processes)
+        if self.device.type == "cuda":  # this process's peak, e.g. to compare FSDP with DDP
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.metrics.write(record)
         if pbar is not None:
             pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}")
@@ -548,19 +640,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ previews and evaluation
     def ema_model(self) -> nn.Module:
-        """A copy of the model holding the EMA weights (the model's own without EMA), in eval mode."""
+        """A copy of the model holding the EMA weights (the model's own without EMA), in eval mode;
+        unsharded under FSDP (gathering them is collective: call on every process)."""
         if self._ema_model is None:
             self._ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if self.ema is None:
-            self._ema_model.load_state_dict(self.model.state_dict())
-            return self._ema_model
-        return self.ema.copy_to(self._ema_model)
+        weights = self.ema.state_dict() if self.ema is not None else self.model.state_dict()
+        self._ema_model.load_state_dict(full_state(weights))
+        return self._ema_model
 
     def preview(self) -> Path | None:
         """``objective.preview`` of the EMA model into ``<run>/samples`` (main process)."""
         path = None
+        ema_model = self.ema_model()  # every process: under FSDP the weights are gathered
         if self.is_main:
-            path = self.objective.preview(self.ema_model(), self.step, self.out_dir / "samples")
+            path = self.objective.preview(ema_model, self.step, self.out_dir / "samples")
         self.acc.wait_for_everyone()
         return path
 
@@ -586,14 +679,18 @@ class Trainer:
         self.acc.wait_for_everyone()
         state = tmp / ckpt_io.STATE_DIR
         torch.save(capture_rng(self.generator), state / f"rng_{self.acc.process_index}.pt")
-        if self.is_main:
-            model_state = self.model.state_dict()
+        # full tensors whatever the sharding (under FSDP gathered by every process, kept by the main one)
+        main = self.is_main
+        model_state = full_state(self.model.state_dict(), main)
+        ema_state = full_state(self.ema.state_dict(), main) if self.ema is not None else model_state
+        objective_state = full_state(trained_state(self.objective), main)
+        optimizer_state = full_optimizer_state(self.opt.optimizer, main)
+        if main:
             ckpt_io.save_weights(tmp / ckpt_io.MODEL_FILE, model_state)
-            ckpt_io.save_weights(tmp / ckpt_io.EMA_FILE, self.ema.state_dict() if self.ema else model_state)
-            objective_state = trained_state(self.objective)
+            ckpt_io.save_weights(tmp / ckpt_io.EMA_FILE, ema_state)
             if objective_state:
                 ckpt_io.save_weights(state / OBJECTIVE_STATE, objective_state)
-            torch.save(self.opt.state_dict(), state / "optimizer.pt")
+            torch.save(optimizer_state, state / "optimizer.pt")
             torch.save(self.sched.state_dict(), state / "scheduler.pt")
             consumed = self.step * self.cfg.grad_accum
             epoch, batch = self.plan.position(consumed) if self.plan is not None else (None, None)
@@ -601,6 +698,8 @@ class Trainer:
                              "batch_in_epoch": batch, "ema_updates": self.ema.num_updates if self.ema else 0,
                              "global_batch": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
                              "world_size": self.acc.num_processes, "seed": self.cfg.seed,
+                             "noise": "global_batch" if self.objective.global_batch_noise else "per_process",
+                             "data_parallel": self._data_parallel(),
                              "objective": type(self.objective).__name__, "trainer": asdict(self.cfg)}
             (state / "trainer.json").write_text(json.dumps(trainer_state, indent=1, default=str))
             # after every weight file: config.yaml records their sha256 (checked on load)
@@ -614,13 +713,45 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
+    def _restore_rng(self, path: Path, saved_world: int) -> None:
+        """This process's RNG state from ``state/rng_<rank>.pt``.
+
+        Resuming on another number of processes: the data order is a function of the global batch
+        index alone (:mod:`.state`). With ``global_batch_noise`` the noise stream is one stream
+        (alike on every process when saved) and every process continues it from ``rng_0.pt``, so
+        the resumed run draws what an uninterrupted run draws, on any number of processes. What
+        stays per process is the global RNG (python / numpy / torch; e.g. the DiT's label dropout):
+        a rank without a file of its own is seeded from (seed, rank, step)."""
+        state, rank = path / ckpt_io.STATE_DIR, self.acc.process_index
+        own = state / f"rng_{rank}.pt"
+        if own.is_file():
+            restore_rng(ckpt_io.torch_load(own), self.generator)
+        else:
+            torch.manual_seed(self.cfg.seed + rank + 7_919 * self.step)
+            if saved_world == self.acc.num_processes:
+                log.warning("%s has no %s (deleted?): the RNG of rank %d is seeded afresh", path,
+                            own.relative_to(path), rank)
+        shared = self.objective.global_batch_noise
+        if shared and rank != 0:
+            main_rng = ckpt_io.torch_load(ckpt_io.require_file(path, f"{ckpt_io.STATE_DIR}/rng_0.pt"))
+            self.generator.set_state(main_rng["noise"])
+        if saved_world != self.acc.num_processes and self.is_main:
+            if shared:
+                log.info("%s was written by %d processes, this run has %d: same data order and noise stream; "
+                         "the global RNG of processes without an rng_<rank>.pt is seeded afresh", path,
+                         saved_world, self.acc.num_processes)
+            else:
+                log.warning("%s was written by %d processes, this run has %d: same data order, but %s draws "
+                            "its noise per process, so the noise of the resumed steps differs from an "
+                            "uninterrupted run", path, saved_world, self.acc.num_processes,
+                            type(self.objective).__name__)
+
     def _before_commit(self, tmp: Path) -> None:
         """Called with the complete temporary directory just before the atomic rename (tests
         simulate a crash here)."""
 
     def _load(self, path: Path) -> None:
         """Restore weights, EMA, objective state, optimizer, scheduler, step, data position, RNG."""
-        state = path / ckpt_io.STATE_DIR
         meta = ckpt_io.read_json(ckpt_io.require_file(path, f"{ckpt_io.STATE_DIR}/trainer.json"))
         # checkpoints of the DiT trainer before the engine lack grad_accum and optimizer: it used 1, AdamW
         for key, ours, what in (("global_batch", self.cfg.batch_size, "trainer.batch_size"),
@@ -637,25 +768,25 @@ class Trainer:
                 f"{self.cfg.optimizer!r}: its state cannot carry over; set trainer.optimizer to match")
         # weight files are checked against the sha256 in config.yaml and for NaN/inf
         node = ckpt_io.checkpoint_node(ckpt_io.load_config(path), path / ckpt_io.CONFIG_FILE)
-        self.model.load_state_dict(ckpt_io.read_checkpoint_weights(path, ckpt_io.MODEL_FILE, node))
+        # full tensors on disk; under FSDP each process keeps its shard (shard_like)
+        model_state = ckpt_io.read_checkpoint_weights(path, ckpt_io.MODEL_FILE, node)
+        self.model.load_state_dict(shard_like(model_state, self.model.state_dict()))
         name = f"{ckpt_io.STATE_DIR}/{OBJECTIVE_STATE}"
         if (path / name).is_file():
-            load_trained_state(self.objective, ckpt_io.read_checkpoint_weights(path, name, node), path / name)
+            objective_state = ckpt_io.read_checkpoint_weights(path, name, node)
+            load_trained_state(self.objective, shard_like(objective_state, self.objective.state_dict()),
+                               path / name)
         elif trained_state(self.objective):
             raise ckpt_io.CheckpointError(f"{path} has no {name}, but this objective "
                                           f"({type(self.objective).__name__}) has trained state")
         if self.ema is not None:
             ema_state = ckpt_io.read_checkpoint_weights(path, ckpt_io.EMA_FILE, node)
-            self.ema.load_state_dict(ema_state, meta["ema_updates"])
-        self.opt.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/optimizer.pt")))
+            self.ema.load_state_dict(shard_like(ema_state, self.ema.state_dict()), meta["ema_updates"])
+        optimizer_state = ckpt_io.torch_load(ckpt_io.require_file(path, "state/optimizer.pt"))
+        self.opt.load_state_dict(shard_optimizer_state(self.opt.optimizer, optimizer_state))
         self.sched.load_state_dict(ckpt_io.torch_load(ckpt_io.require_file(path, "state/scheduler.pt")))
         self.step = int(meta["step"])
-        rng_file = state / f"rng_{self.acc.process_index}.pt"
-        if rng_file.is_file():
-            restore_rng(ckpt_io.torch_load(rng_file), self.generator)
-        else:
-            log.warning("%s has no RNG state for rank %d (world size changed?): fresh seeds; the data order "
-                        "is unchanged, noise draws differ", path, self.acc.process_index)
+        self._restore_rng(path, int(meta.get("world_size", 1)))
         self.last_checkpoint = path
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
