@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from difftools import checkpoint as ckpt_io
-from difftools.losses import AlignedLoss, DenoisingLoss
+from difftools.losses import DenoisingLoss
+from difftools.losses.alignment import AlignedLoss
 from difftools.training.grid import sample_images, save_grid
 from difftools.training.objective import Objective, RunInfo
 
