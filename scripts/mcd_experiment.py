@@ -37,7 +37,7 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -47,7 +47,11 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a preset field")
     parser.add_argument("--summary-only", action="store_true", help="rewrite summary.md / arms.png and exit")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = ExperimentConfig.from_dict({**asdict(PRESETS[args.preset]), **parse_overrides(args.set)})
     saved = args.out / "experiment.json"
