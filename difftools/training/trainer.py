@@ -49,7 +49,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from difftools import checkpoint as ckpt_io
 from difftools.config import from_mapping
+from difftools.training.device_data import DATA_ON_DEVICE, DeviceBatches, use_device_data
 from difftools.training.ema import EMA
+from difftools.training.graphed import GraphedStep, make_capturable
 from difftools.training.health import (
     DivergedError,
     HealthMonitor,
@@ -120,6 +122,10 @@ class TrainerConfig:
     sample_steps: int = 50
     sample_cfg_scale: float = 1.0   #: classifier-free guidance scale of the grids (1 = off)
     num_workers: int = -1           #: DataLoader workers; -1 = 0 on CPU, min(8, cores/world) on CUDA
+    data_on_device: str = "auto"    #: auto | on | off: gather batches on the device from a copy of an
+    #:                                 in-memory dataset (same batches as the loader; .device_data)
+    cuda_graphs: bool = False       #: replay the whole optimizer step as one CUDA graph (.graphed; one
+    #:                                 process, CUDA, adamw, grad_accum 1): for launch-bound small models
     progress: bool = True           #: tqdm bar on the main process
     tensorboard: bool = True
     compile: bool = False           #: torch.compile the model (CUDA)
@@ -135,6 +141,7 @@ class TrainerConfig:
         and expected type, raised before anything is built."""
         choices = {"lr_decay": ("constant", "cosine", "linear"), "optimizer": ("adamw", "sgd"),
                    "mixed_precision": ("auto", "bf16", "no"), "device": ("auto", "cpu"),
+                   "data_on_device": DATA_ON_DEVICE,
                    "sample_solver": tuple(SOLVERS)}
         return from_mapping(cls, d, node="trainer", choices=choices)
 
@@ -231,6 +238,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, config.tensorboard, enabled=self.is_main)
         self._ema_model = None
         self._uses_loader = False
+        self._graphed: GraphedStep | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -261,6 +269,9 @@ class Trainer:
         named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         opt, self._can_skip = build_optimizer(named, cfg, self.device)
+        if cfg.cuda_graphs:
+            self._check_graphable()
+            make_capturable(opt, self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         self.module, self.opt = self.acc.prepare(self.objective, opt)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
@@ -274,6 +285,12 @@ class Trainer:
             changed = apply_config(self.opt, self.sched, cfg)
             if changed and self.is_main:
                 log.info("resumed from %s with %s (checkpoint: %s)", resume, changed[1], changed[0])
+        if cfg.cuda_graphs:
+            make_capturable(self.opt.optimizer, self.device)  # a resumed state may hold a float lr
+            dtype = torch.bfloat16 if self.acc.mixed_precision == "bf16" else None
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            self._graphed = GraphedStep(self.objective, self.model, self.params, self.opt.optimizer,
+                                        self.generator, self.ema, max_norm, self._can_skip, dtype)
         self.objective.on_start(self.run_info, resume)
         if self.vetting is not None:
             self.vetting.start(self.step, resume)
@@ -288,6 +305,21 @@ class Trainer:
                      cfg.batch_size, self.acc.num_processes, cfg.batch_size // self.acc.num_processes,
                      f", {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else "",
                      self.acc.mixed_precision, self.device)
+
+    def _check_graphable(self) -> None:
+        """trainer.cuda_graphs' requirements, each failure naming the option to change."""
+        cfg, problems = self.cfg, []
+        if self.device.type != "cuda":
+            problems.append(f"the run is on {self.device}, not CUDA")
+        if self.acc.num_processes > 1:
+            problems.append(f"{self.acc.num_processes} processes (one only)")
+        if cfg.grad_accum != 1:
+            problems.append(f"trainer.grad_accum={cfg.grad_accum} (1 only)")
+        if cfg.optimizer != "adamw" or not self._can_skip:
+            problems.append(f"trainer.optimizer={cfg.optimizer} (fused adamw only)")
+        if problems:
+            raise ValueError("trainer.cuda_graphs=true cannot capture this run: " + "; ".join(problems)
+                             + ". Set trainer.cuda_graphs=false.")
 
     def _resume_path(self) -> Path | None:
         r = self.cfg.resume
@@ -321,6 +353,8 @@ class Trainer:
             raise ValueError(f"{type(self.objective).__name__} supplies no batches (Objective.batches "
                              "returned None) and the Trainer got no dataset")
         self._uses_loader = True
+        if use_device_data(self.cfg.data_on_device, self.dataset, self.device):
+            return DeviceBatches(self.dataset, self.plan, start, self.device)
         workers = self.cfg.num_workers
         if workers < 0:
             cores = (os.cpu_count() or 1) // self.acc.num_processes
@@ -381,16 +415,20 @@ class Trainer:
         skip_optimizer = self._can_skip and getattr(self.acc, "scaler", None) is None
         self.objective.train()
         while self.step < cfg.max_steps:
-            loss, logs = self._forward_backward(batches)
-            grad_norm = self.acc.clip_grad_norm_(self.params, max_norm).detach()
+            if self._graphed is not None:  # the whole step, optimizer and EMA included, as one graph
+                loss, logs, grad_norm = self._graphed(_to_device(next(batches), self.device))
+                self.sched.step()
+            else:
+                loss, logs = self._forward_backward(batches)
+                grad_norm = self.acc.clip_grad_norm_(self.params, max_norm).detach()
+                if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
+                    self.opt.optimizer.found_inf = skip_flag(grad_norm)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
             grad_norms.append(grad_norm)
-            if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
-                self.opt.optimizer.found_inf = skip_flag(grad_norm)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model)
             self.step += 1
             logs.update(self.objective.after_step(self.step))
             timer[1] += 1
@@ -504,7 +542,8 @@ class Trainer:
         record = {"step": self.step}
         if self._uses_loader:
             record["epoch"] = self.plan.position(self.step * self.cfg.grad_accum)[0]
-        record.update({"loss": mean_loss, "lr": self.sched.get_last_lr()[0], "it_per_s": timer[1] / dt,
+        # float(): a capturable optimizer's lr is a device tensor (one sync here, at a log step)
+        record.update({"loss": mean_loss, "lr": float(self.sched.get_last_lr()[0]), "it_per_s": timer[1] / dt,
                        "img_per_s": img_s, "grad_norm": sum(norm_values) / n})
         if verdict.skipped:
             record["skipped_steps"] = len(verdict.skipped)
