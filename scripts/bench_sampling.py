@@ -172,8 +172,8 @@ def main(argv=None):
     deadline = T_PROCESS + args.time_limit_s
     spec = SampleSpec(sampler="dpmpp_2m", steps=args.steps, guidance_scale=args.cfg, seed=0,
                       denoise_final=True)
-    meta = dict(sampler=spec.sampler, steps=spec.steps, nfe=spec.steps + 1, cfg=args.cfg,
-                precision=spec.precision,
+    meta = dict(date=time.strftime("%Y-%m-%d"), sampler=spec.sampler, steps=spec.steps, nfe=spec.steps + 1,
+                cfg=args.cfg, precision=spec.precision,
                 torch=torch.__version__, command=" ".join(sys.argv),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                 else platform.processor() or "cpu")

@@ -15,13 +15,14 @@ Rows (most important first; once ``--time-limit-s`` would be exceeded the rest a
 run, and the tables are rewritten after every row, so a killed run still leaves its results):
 
 1. ours vs the reference, compiled, on the headline models ``--variant-models`` (DiT-B/2, DiT-XL/2);
-2. ``--variants`` of our compiled row on each headline model, side by side with ``default``, so a
-   speed change is measured, not assumed (``difftools.benchmark.train_step.VARIANTS``: ``torchnorm``
-   = the residual/norm/modulation steps as plain ops fused by inductor instead of the Triton kernels;
+2. ``--variants`` of our compiled DiT-B/2 row, side by side with ``default``, so a speed change is
+   measured, not assumed (``difftools.benchmark.train_step.VARIANTS``: ``torchnorm`` = the
+   residual/norm/modulation steps as plain ops fused by inductor instead of the Triton kernels;
    ``lowp`` = bf16 residual stream; combine with ``+``);
 3. ours vs the reference, compiled, on the rest of ``--models`` (DiT-S/2, DiT-T/2: MFU by size);
-4. eager rows (``--modes`` includes eager) for ``--eager-models`` (DiT-B/2);
-5. ``--backend-rows`` on the main model / input (e.g. ``xformers:compile``; none by default).
+4. the variants on the other headline models (DiT-XL/2);
+5. eager rows (``--modes`` includes eager) for ``--eager-models`` (DiT-B/2);
+6. ``--backend-rows`` on the main model / input (e.g. ``xformers:compile``; none by default).
 
 The step includes each implementation's EMA update (``--no-ema`` leaves it out). The batch is
 ``--batch`` (256) unless the model would not fit the GPU at it by the harness' memory estimate
@@ -100,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--backend-rows", default="",
                    help="extra attention backends on the main model/input: backend[:mode],... "
                    "(e.g. xformers:compile,cudnn:eager,math:eager)")
-    p.add_argument("--variants", default="torchnorm,lowp",
+    p.add_argument("--variants", default="torchnorm",
                    help=f"variants of our compiled headline rows ({', '.join(VARIANTS)}; join with '+')")
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="leave the EMA update out of the step (default: each implementation's own)")
@@ -201,6 +202,7 @@ def main(argv=None) -> list[Row]:
         warmup=args.warmup, steps=args.steps, peak_tflops=PEAK_TFLOPS, compile_backend=args.compile_backend,
         reference=str(args.reference), main_model=args.main_model, main_input=args.main_input,
         precompile_workers=args.precompile_workers, depth=args.depth, complete=False, ema=args.ema,
+        date=time.strftime("%Y-%m-%d"),
         variant_models=args.variant_models, command=" ".join(sys.argv),
         gpu_memory_gb=(round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
                        if device.type == "cuda" else None),

@@ -169,7 +169,8 @@ def main(argv=None):
     args = parse_args(argv)
     deadline = T_PROCESS + args.time_limit_s
     dataset = build_dataset(args.data, split=args.split, random_flip=True)
-    meta = dict(data=args.data, split=args.split, batch=args.batch, steps=args.steps, compile=args.compile,
+    meta = dict(date=time.strftime("%Y-%m-%d"), data=args.data, split=args.split, batch=args.batch,
+                steps=args.steps, compile=args.compile,
                 torch=torch.__version__, command=" ".join(sys.argv),
                 device_name=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke
                 else platform.processor() or "cpu")

@@ -24,10 +24,11 @@ def plan(*, impls: list[str], models: list[str], inputs: list[str], modes: list[
 
     0. ours and the reference, compiled, on the headline models (``variant_models``, default the main
        model) in order: the target rows;
-    1. ``variants`` of our compiled row on each headline model (variant order, then model order);
+    1. ``variants`` of our compiled row on the first headline model;
     2. ours and the reference, compiled, on the other ``models`` (the MFU-by-size rows);
-    3. eager rows (only for ``eager_models`` when given);
-    4. ``backend_rows`` (``backend[:mode]``) on the main model / input.
+    3. ``variants`` on the other headline models (variant order, then model order);
+    4. eager rows (only for ``eager_models`` when given);
+    5. ``backend_rows`` (``backend[:mode]``) on the main model / input.
 
     ``batch_for(model)`` sets each row's batch (0 = the common batch)."""
     impls = [i for i in impls if i != "reference" or have_reference]
@@ -56,14 +57,15 @@ def plan(*, impls: list[str], models: list[str], inputs: list[str], modes: list[
         default_backend = c.backend in ("sdpa", "timm")
         on_main_input = c.input == main_input
         if c.variant != "default":
-            return (1, variants.index(c.variant), rank.get(c.model, 99))
+            first = c.model == headline[0]
+            return (1 if first else 3, variants.index(c.variant), rank.get(c.model, 99))
         if c.mode == "compile" and default_backend and c.model in headline and on_main_input:
             return (0, headline.index(c.model), c.impl != "difftools")
         if c.mode == "compile" and default_backend:
             return (2, rank.get(c.model, 99), not on_main_input, c.impl != "difftools")
         if c.mode == "eager" and default_backend:
-            return (3, rank.get(c.model, 99), not on_main_input, c.impl != "difftools")
-        return (4, c.mode != "eager", {"xformers": 0, "cudnn": 1}.get(c.backend, 2))
+            return (4, rank.get(c.model, 99), not on_main_input, c.impl != "difftools")
+        return (5, c.mode != "eager", {"xformers": 0, "cudnn": 1}.get(c.backend, 2))
 
     return sorted(combos, key=priority)
 
