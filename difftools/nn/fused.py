@@ -30,7 +30,7 @@ dtypes.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -65,15 +65,13 @@ def _norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- dispatch
-@functools.cache
-def triton_available() -> bool:
-    """True when triton imports here (the kernels also need CUDA tensors, or TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401, PLC0415 - optional at run time
+# looked up once, without importing triton (a module constant: torch.compile folds it)
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-        return True
-    except ImportError:
-        return False
+
+def triton_available() -> bool:
+    """True when triton is installed here (the kernels also need CUDA tensors, or TRITON_INTERPRET=1)."""
+    return _HAVE_TRITON
 
 
 def _interpreting() -> bool:
