@@ -19,6 +19,7 @@ from tests.adaln_cases import chain, make_inputs, rel
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_kernels_in_triton_interpreter():
     """The Triton kernels on CPU tensors (tests/kernels_interpreted.py: fp32 and bf16 against the torch
     reference, bf16 residual stream, partial blocks, multi-block backward, opcheck, a whole DiT), in a

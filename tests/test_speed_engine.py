@@ -121,3 +121,49 @@ def test_cuda_graphed_training_matches_eager_and_resumes(tmp_path):
                            resume=str(tmp_path / "graphed" / "checkpoints" / "step_0000006"), **kw).train()
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(graphed.losses[6:]), rtol=2e-2,
                                atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_training_step_and_sampling_loop_never_wait_for_the_gpu():
+    """With CUDA's sync debug mode set to error, a full training step (noise draws, fused-kernel DiT
+    forward and backward, clipping, the found_inf skip flag, fused AdamW, EMA) and a guided sampling
+    loop raise on any host synchronisation: there is none."""
+    from difftools.losses import DenoisingLoss
+    from difftools.process import Flow
+    from difftools.training.health import skip_flag
+    from samplers import ModelFn, sample
+    from samplers.guidance import guided
+
+    model = tiny_dit().cuda()
+    loss_fn = DenoisingLoss(Flow(), "flow", "logit_normal")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ema = EMA(model, 0.999)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16, 1, 16, 16, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = loss_fn(model, x, y, generator=gen)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        opt.found_inf = skip_flag(norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+
+    mf = guided(ModelFn(model.eval(), Flow(), "flow"), "cfg", 2.0, uncond={"y": torch.full_like(y, 10)})
+    for _ in range(2):  # warm-up: lazy initialisation, the attention backend probe
+        model.train()
+        step()
+        sample(mf, x, "dpmpp_2m", steps=3, y=y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.train()
+        step()
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            sample(mf, x, "dpmpp_2m", steps=3, denoise_final=True, y=y)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -153,8 +153,9 @@ def backward(dy, dx_out, x_out, gate, branch, scale, mean, rstd, param_dtypes):
     dx = torch.empty_like(x_out)
     dbranch = torch.empty_like(branch) if has_res else None
     block_m, block_d, warps = _block_sizes(D)
-    # enough programs for ~8 per multiprocessor, each summing a whole number of row blocks
-    chunks = max(1, min(triton.cdiv(N, block_m), triton.cdiv(8 * _sm_count(x_out.device), B)))
+    # ~16 programs per multiprocessor (several waves at 2 resident programs per SM, so the last,
+    # partial wave costs little), each summing a whole number of row blocks
+    chunks = max(1, min(triton.cdiv(N, block_m), triton.cdiv(16 * _sm_count(x_out.device), B)))
     rows_per_prog = triton.cdiv(triton.cdiv(N, chunks), block_m) * block_m
     chunks = triton.cdiv(N, rows_per_prog)
     partial = torch.empty(3 if has_res else 2, B, chunks, D, dtype=torch.float32, device=x_out.device)
