@@ -167,3 +167,23 @@ def test_training_step_and_sampling_loop_never_wait_for_the_gpu():
             sample(mf, x, "dpmpp_2m", steps=3, denoise_final=True, y=y)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_a_run_without_graphs_resumes_a_graphed_runs_optimizer_state(tmp_path):
+    """A checkpoint written with trainer.cuda_graphs holds a capturable AdamW with a tensor lr; a run
+    without graphs resumes it with a float lr and logs plain numbers."""
+    import json
+
+    make_trainer(tmp_path, max_steps=4).train()
+    opt_file = tmp_path / "checkpoints" / "step_0000004" / "state" / "optimizer.pt"
+    state = torch.load(opt_file, weights_only=True)
+    for group in state["param_groups"]:  # as a graphed run saves it
+        group["lr"], group["capturable"] = torch.tensor(group["lr"]), True
+    torch.save(state, opt_file)
+    trainer = make_trainer(tmp_path, max_steps=6, resume="auto")
+    result = trainer.train()
+    assert result.step == 6
+    group = trainer.opt.optimizer.param_groups[0]
+    assert isinstance(group["lr"], float) and not group["capturable"]
+    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["lr"], float) for r in records if "lr" in r)

@@ -69,6 +69,15 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
         group["capturable"] = True
 
 
+def make_uncapturable(optimizer: torch.optim.Optimizer) -> None:
+    """Undo :func:`make_capturable` (a run without CUDA graphs resuming a checkpoint of one with
+    them): float lr, ``capturable`` off."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"].detach().cpu())
+        group["capturable"] = False
+
+
 class GraphedStep:
     """Callable ``step(batch) -> (loss, logs, grad_norm)`` doing a full optimizer step (see the module
     docstring); returned tensors are fresh copies, safe to keep across steps.

@@ -51,7 +51,7 @@ from difftools import checkpoint as ckpt_io
 from difftools.config import from_mapping
 from difftools.training.device_data import DATA_ON_DEVICE, DeviceBatches, use_device_data
 from difftools.training.ema import EMA
-from difftools.training.graphed import GraphedStep, make_capturable
+from difftools.training.graphed import GraphedStep, make_capturable, make_uncapturable
 from difftools.training.health import (
     DivergedError,
     HealthMonitor,
@@ -285,7 +285,9 @@ class Trainer:
             changed = apply_config(self.opt, self.sched, cfg)
             if changed and self.is_main:
                 log.info("resumed from %s with %s (checkpoint: %s)", resume, changed[1], changed[0])
-        if cfg.cuda_graphs:
+        if not cfg.cuda_graphs:
+            make_uncapturable(self.opt.optimizer)  # a checkpoint of a graphed run holds a tensor lr
+        else:
             make_capturable(self.opt.optimizer, self.device)  # a resumed state may hold a float lr
             dtype = torch.bfloat16 if self.acc.mixed_precision == "bf16" else None
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
