@@ -48,6 +48,9 @@ class ModelFn:
 
     def batch_times(self, x: torch.Tensor, t) -> torch.Tensor:
         """t as a [B] tensor in x's dtype."""
+        if isinstance(t, (float, int)):
+            # a fill kernel, not a host -> device copy: no sync per step, and a CUDA graph can hold it
+            return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
         t = as_time(t, x).to(device=x.device, dtype=x.dtype)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 

@@ -14,13 +14,20 @@ and autocast. The reference code is imported from ``--reference DIR`` (a folder 
 Rows (most important first; once ``--time-limit-s`` would be exceeded the rest are listed as not
 run, and the tables are rewritten after every row, so a killed run still leaves its results):
 
-1. ours vs the reference, backend sdpa (theirs: timm's attention), on ``--models`` x ``--inputs`` x
-   ``--modes`` (default: DiT-B/2, DiT-S/2; latent 32x32x4, pixel 32x32x3; eager, compile);
-2. ``--backend-rows`` on the main model / input (default: xformers, cudnn, math eager; xformers
-   compile);
-3. ``--variants`` of our compiled main row (DiT-B/2 latent), side by side with ``default``, so a
-   speed change is measured, not assumed (``difftools.benchmark.train_step.VARIANTS``; combine with
-   ``+``, e.g. lowp+cdtune).
+1. ours vs the reference, compiled, on the headline models ``--variant-models`` (DiT-B/2, DiT-XL/2);
+2. ``--variants`` of our compiled DiT-B/2 row, side by side with ``default``, so a speed change is
+   measured, not assumed (``difftools.benchmark.train_step.VARIANTS``: ``torchnorm`` = the
+   residual/norm/modulation steps as plain ops fused by inductor instead of the Triton kernels;
+   ``lowp`` = bf16 residual stream; combine with ``+``);
+3. ours vs the reference, compiled, on the rest of ``--models`` (DiT-S/2, DiT-T/2: MFU by size);
+4. the variants on the other headline models (DiT-XL/2);
+5. eager rows (``--modes`` includes eager) for ``--eager-models`` (DiT-B/2);
+6. ``--backend-rows`` on the main model / input (e.g. ``xformers:compile``; none by default).
+
+The step includes each implementation's EMA update (``--no-ema`` leaves it out). The batch is
+``--batch`` (256) unless the model would not fit the GPU at it by the harness' memory estimate
+(DiT-XL/2 on an 80 GB H100: 128); the ``batch`` column says which. ``--profile-models`` profiles
+their default compiled row (kernel time by category: what bounds each size).
 
 Compile time is the bottleneck of such a table (~30 s per graph for DiT-B/2 against ~3 s of timing),
 so on CUDA the compiled rows are first compiled by ``--precompile-workers`` parallel worker processes
@@ -31,10 +38,10 @@ cache-hit compile plus warm-up steps of the timed pass. The main row is also pro
 by category: GEMM, attention, Triton-fused elementwise, optimizer, GPU idle).
 
 The harness lives in :mod:`difftools.benchmark` (rows and timing, plan, precompilation, profiling,
-report); this script is its command line. Full CUDA run (bounded at 7.5 minutes from process start
-by --time-limit-s 450):
+report); this script is its command line. Full CUDA run (bounded at 8.5 minutes from process start
+by --time-limit-s 510):
 
-    PYTHONPATH=/tmp/site:$PWD python scripts/bench_train.py --reference .gpu/ref_dit --out $OUT/bench_train
+    PYTHONPATH=$PWD python scripts/bench_train.py --reference .gpu/ref_dit --out $OUT/bench_train
 
 CPU smoke test (< 1 minute): ``python scripts/bench_train.py --smoke --out /tmp/bench_smoke``
 """
@@ -53,7 +60,7 @@ T_PROCESS = time.perf_counter()  # the time limit counts from here (before the s
 import torch  # noqa: E402
 
 from difftools.benchmark.plan import est_seconds, plan  # noqa: E402
-from difftools.benchmark.precompile import precompile  # noqa: E402
+from difftools.benchmark.precompile import fitting_batch, precompile  # noqa: E402
 from difftools.benchmark.reference_dit import load_reference  # noqa: E402
 from difftools.benchmark.report import fmt, write_outputs  # noqa: E402
 from difftools.benchmark.train_step import (  # noqa: E402
@@ -82,25 +89,33 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="write bench_train.md, .json, profile here")
     p.add_argument("--reference", type=Path, default=None,
                    help="folder with facebookresearch/DiT models.py + diffusion/")
-    p.add_argument("--models", default="DiT-B/2,DiT-S/2")
-    p.add_argument("--inputs", default="latent,pixel", help="latent = 4 channels, pixel = 3 channels")
-    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--models", default="DiT-B/2,DiT-XL/2,DiT-S/2,DiT-T/2")
+    p.add_argument("--inputs", default="latent", help="latent = 4 channels, pixel = 3 channels")
+    p.add_argument("--modes", default="compile,eager")
+    p.add_argument("--eager-models", default="DiT-B/2", help="eager rows only for these ('' = all models)")
     p.add_argument("--impls", default="difftools,reference", help="which implementations to time")
-    p.add_argument("--main-model", default="DiT-B/2", help="model of the target row, backend rows, variants")
+    p.add_argument("--main-model", default="DiT-B/2", help="model of the backend rows")
     p.add_argument("--main-input", default="latent")
-    p.add_argument("--backend-rows", default="xformers:eager,xformers:compile,cudnn:eager,math:eager",
-                   help="extra attention backends on the main model/input: backend[:mode],...")
-    p.add_argument("--variants", default="lowp,cdtune,autotune,optcompile,cudagraphs",
-                   help=f"variants of our compiled main row ({', '.join(VARIANTS)}; join with '+')")
+    p.add_argument("--variant-models", default="DiT-B/2,DiT-XL/2",
+                   help="headline models: ours vs the reference first, then the variants on each")
+    p.add_argument("--backend-rows", default="",
+                   help="extra attention backends on the main model/input: backend[:mode],... "
+                   "(e.g. xformers:compile,cudnn:eager,math:eager)")
+    p.add_argument("--variants", default="torchnorm",
+                   help=f"variants of our compiled headline rows ({', '.join(VARIANTS)}; join with '+')")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="leave the EMA update out of the step (default: each implementation's own)")
+    p.add_argument("--profile-models", default="DiT-B/2,DiT-S/2,DiT-T/2",
+                   help="profile the default compiled row of these models (kernel time by category)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--depth", type=int, default=None, help="override the presets' depth (smoke tests)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--time-limit-s", type=float, default=450.0,
+    p.add_argument("--time-limit-s", type=float, default=510.0,
                    help="hard bound from process start: rows that would not fit are listed as not run")
     p.add_argument("--precompile-workers", type=int, default=3, help="parallel compile processes (0: off)")
-    p.add_argument("--precompile-s", type=float, default=250.0,
+    p.add_argument("--precompile-s", type=float, default=270.0,
                    help="precompilation ends this many seconds after process start (workers still "
                    "running are stopped; their rows compile in the timed pass)")
     p.add_argument("--profile-steps", type=int, default=3, help="profile the main row (0: off)")
@@ -108,13 +123,18 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: precompile one combo
     args = p.parse_args(argv)
     if args.smoke:
-        args.models, args.inputs, args.batch, args.image_size = "DiT-T/8", "latent,pixel", 4, 16
-        args.main_model, args.warmup, args.steps, args.time_limit_s = "DiT-T/8", 1, 2, 45.0
+        args.models, args.inputs, args.batch, args.image_size = "DiT-T/8,DiT-S/8", "latent,pixel", 4, 16
+        args.main_model, args.warmup, args.steps = "DiT-T/8", 1, 2
+        args.variant_models, args.eager_models, args.profile_models = "DiT-T/8", "DiT-T/8", "DiT-T/8"
+        if args.time_limit_s == p.get_default("time_limit_s"):
+            args.time_limit_s = 120.0  # a busy 2-core CPU box
         args.compile_backend = "aot_eager"  # traces like inductor (dynamo + AOTAutograd) without codegen
         args.depth = 2  # 2 blocks trace 6x faster than 12 and exercise the same code
-        args.variants, args.precompile_workers, args.precompile_s = "lowp,optcompile,cdtune", 1, 30.0
+        args.variants, args.precompile_workers, args.precompile_s = "torchnorm,lowp,cdtune", 1, 40.0
+        args.backend_rows = "math:eager"
         args.profile_steps = 1
-    for name in ("models", "inputs", "modes", "impls", "backend_rows", "variants"):
+    for name in ("models", "inputs", "modes", "impls", "backend_rows", "variants", "variant_models",
+                 "eager_models", "profile_models"):
         setattr(args, name, [s.strip() for s in getattr(args, name).split(",") if s.strip()])
     for v in args.variants:
         resolve_variant(v)  # fail early on a typo
@@ -123,7 +143,8 @@ def parse_args(argv=None):
 
 def step_config(args) -> StepConfig:
     return StepConfig(batch=args.batch, image_size=args.image_size, depth=args.depth,
-                      compile_backend=args.compile_backend, warmup=args.warmup, steps=args.steps)
+                      compile_backend=args.compile_backend, warmup=args.warmup, steps=args.steps,
+                      ema=args.ema)
 
 
 def worker_argv(args) -> list[str]:
@@ -133,6 +154,7 @@ def worker_argv(args) -> list[str]:
     argv += ["--smoke"] if args.smoke else []
     argv += ["--depth", str(args.depth)] if args.depth else []
     argv += ["--reference", str(args.reference)] if args.reference is not None else []
+    argv += [] if args.ema else ["--no-ema"]
     return argv
 
 
@@ -166,7 +188,9 @@ def main(argv=None) -> list[Row]:
         reference = load_reference(args.reference)
     combos = plan(impls=args.impls, models=args.models, inputs=args.inputs, modes=args.modes,
                   main_model=args.main_model, main_input=args.main_input, backend_rows=args.backend_rows,
-                  variants=args.variants, have_reference=reference is not None)
+                  variants=args.variants, have_reference=reference is not None,
+                  variant_models=args.variant_models, eager_models=args.eager_models or None,
+                  batch_for=lambda model: fitting_batch(model, cfg, device))
     have_xf = device.type == "cuda" and xformers_available()
     meta = dict(
         batch=args.batch, image_size=args.image_size,
@@ -177,7 +201,11 @@ def main(argv=None) -> list[Row]:
         optimizer="fused AdamW" if device.type == "cuda" else "AdamW (foreach)",
         warmup=args.warmup, steps=args.steps, peak_tflops=PEAK_TFLOPS, compile_backend=args.compile_backend,
         reference=str(args.reference), main_model=args.main_model, main_input=args.main_input,
-        precompile_workers=args.precompile_workers, depth=args.depth, complete=False,
+        precompile_workers=args.precompile_workers, depth=args.depth, complete=False, ema=args.ema,
+        date=time.strftime("%Y-%m-%d"),
+        variant_models=args.variant_models, command=" ".join(sys.argv),
+        gpu_memory_gb=(round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+                       if device.type == "cuda" else None),
     )
     if have_xf:
         import xformers  # optional: only where it is installed
@@ -217,11 +245,12 @@ def main(argv=None) -> list[Row]:
             rows.append(Row(combo, status="not run", note=f"time limit {args.time_limit_s:.0f} s; rerun "
                             "with --models/--inputs/--modes/--impls/--backend-rows/--variants to time it"))
             continue
-        is_main = (combo.impl == "difftools" and combo.model == args.main_model and combo.variant == "default"
-                   and combo.input == args.main_input and combo.backend == "sdpa" and combo.mode == "compile")
+        profiled = (combo.impl == "difftools" and combo.model in args.profile_models
+                    and combo.variant == "default" and combo.input == args.main_input
+                    and combo.backend == "sdpa" and combo.mode == "compile")
         with Deadline(deadline):
             row = run_combo(combo, cfg, device, loss_fn, reference,
-                            profile_steps=args.profile_steps if is_main else 0, profile_dir=args.out)
+                            profile_steps=args.profile_steps if profiled else 0, profile_dir=args.out)
         row.compile_s = info.get("compile_s")
         if "error" in info and combo.mode == "compile":
             row.extra["precompile"] = info["error"]

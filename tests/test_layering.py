@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
      "difftools.models"),
     ("difftools.data",),
     ("difftools.losses",),
-    ("difftools.loaded", "difftools.generate"),  # a loaded run's API; sample generation
+    ("difftools.loaded", "difftools.generate", "difftools.graphed_sampling"),  # a loaded run's API; sampling
     ("difftools.training", "difftools.checkpoint"),
     ("difftools.interop",),  # conversions from / to other code bases: above models and checkpoint
     ("difftools.metrics",),

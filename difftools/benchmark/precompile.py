@@ -15,19 +15,35 @@ from pathlib import Path
 
 import torch
 
-from difftools.benchmark.train_step import Combo, StepConfig, arch, resolve_variant
+from difftools.benchmark.train_step import Combo, StepConfig, arch, batch_of, resolve_variant
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds this difftools
 
 
 def est_gpu_gb(combo: Combo, cfg: StepConfig) -> float:
     """Rough GPU memory of a worker (measured peaks: DiT-B/2 24.8 GB, DiT-S/2 12.0 GB at batch 256 on
-    256 tokens), plus the CUDA context; CUDA-graph pools and GEMM autotuning take a bit more."""
+    256 tokens, before the fused norm kernels stopped storing normalised tokens), plus the CUDA
+    context; CUDA-graph pools and GEMM autotuning take a bit more. Also the rule that picks the batch
+    (:func:`fitting_batch`)."""
     hidden, depth, _, patch = arch(combo, cfg)
     tokens = (cfg.image_size // patch) ** 2
-    scale = cfg.batch * tokens * hidden * depth / (256 * 256 * 768 * 12)
+    scale = batch_of(combo, cfg) * tokens * hidden * depth / (256 * 256 * 768 * 12)
     mode = resolve_variant(combo.variant).compile_mode
     return 1.0 + 25.5 * scale * (1.25 if mode else 1.0)
+
+
+def fitting_batch(model: str, cfg: StepConfig, device, fraction: float = 0.85) -> int:
+    """The common batch, halved until the estimated peak (:func:`est_gpu_gb`) fits ``fraction`` of the
+    GPU (DiT-XL/2 at batch 256 needs ~90 GB by that estimate: batch 128 on an 80 GB H100); 0 (= the
+    common batch) off CUDA."""
+    if device.type != "cuda":
+        return 0
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    batch = cfg.batch
+    while batch > 1 and est_gpu_gb(Combo("difftools", model, "latent", "sdpa", "eager", batch=batch), cfg) \
+            > fraction * total:
+        batch //= 2
+    return batch if batch != cfg.batch else 0
 
 
 def precompile(combos: list[Combo], cfg: StepConfig, device, deadline: float, log_dir: Path | None,

@@ -62,7 +62,8 @@ def profile_steps(step, device, n: int, out_dir: Path | None, label: str) -> dic
                  f"{busy:.2f} ms/step in kernels", "", f"{'ms/step':>8} {'calls':>6}  category / kernel"]
         lines += [f"{sum(t) / n:8.3f} {len(t) / n:6.1f}  {categorize(k)[:9]:9s} {k[:150]}" for k, t in top]
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "profile_main.txt").write_text("\n".join(lines) + "\n")
+        name = "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
+        (out_dir / f"profile_{name}.txt").write_text("\n".join(lines) + "\n")
     return summary
 
 

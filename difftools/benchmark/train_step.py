@@ -2,9 +2,12 @@
 
 A row (:class:`Combo`) is an implementation (difftools' DiT, or facebookresearch/DiT's imported from a
 folder, :mod:`.reference_dit`), a preset, an input (latent 4 channels or pixel 3 channels), an
-attention backend, eager or ``torch.compile`` and a speed :class:`Variant`. :func:`build_step` makes
-the step a real training step on random data held on the device (bf16 autocast forward + loss,
-backward, AdamW step, ``zero_grad(set_to_none)``); :func:`run_combo` warms it up, times it and
+attention backend, eager or ``torch.compile``, a speed :class:`Variant` and a batch size.
+:func:`build_step` makes the step a real training step on random data held on the device (bf16
+autocast forward + loss, backward, AdamW step, ``zero_grad(set_to_none)``, and with
+``StepConfig.ema`` the EMA update each implementation's training loop does: ours
+:class:`~difftools.training.ema.EMA` (one fused ``_foreach_lerp_``), the reference's ``update_ema`` of
+its train.py (a ``mul_`` and an ``add_`` per parameter)); :func:`run_combo` warms it up, times it and
 returns a :class:`Row` with images/s, step time, peak memory and MFU = 3 * forward FLOPs/image *
 images/s / :data:`PEAK_TFLOPS` (backward = 2x forward).
 """
@@ -30,6 +33,7 @@ from difftools.benchmark.profiling import sync
 from difftools.losses import DenoisingLoss
 from difftools.models.dit import DiT, parse_preset
 from difftools.process import Flow
+from difftools.training.ema import EMA
 
 PEAK_TFLOPS = 790.0  # H100 dense bf16 matmul peak as measured (ARCHITECTURE.md)
 LOSS_NAME = "difftools.losses.DenoisingLoss(Flow(), 'flow')"
@@ -49,7 +53,11 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "default": Variant("as shipped: fp32 residual stream, torch.compile(model), fused AdamW"),
+    "default": Variant("as shipped: fused adaLN Triton kernels (norm_kernels=auto), fp32 residual stream, "
+                       "torch.compile(model), fused AdamW"),
+    "torchnorm": Variant("DiT(norm_kernels='torch'): residual/norm/modulation as plain ops (what inductor "
+                         "fuses by itself; the default before the fused kernels)",
+                         model_kw={"norm_kernels": "torch"}),
     "lowp": Variant(
         "DiT(lowp_residual=True): bf16 residual stream between blocks (opt-in, changes rounding)",
         model_kw={"lowp_residual": True},
@@ -102,9 +110,11 @@ class Combo:
     backend: str  # attention backend ("timm" for the reference)
     mode: str  # "eager" | "compile"
     variant: str = "default"
+    batch: int = 0  # 0: StepConfig.batch
 
     def key(self) -> str:
-        return f"{self.impl} {self.model} {self.input} {self.backend} {self.mode} {self.variant}"
+        key = f"{self.impl} {self.model} {self.input} {self.backend} {self.mode} {self.variant}"
+        return key + (f" b{self.batch}" if self.batch else "")
 
 
 @dataclass
@@ -134,6 +144,11 @@ class StepConfig:
     compile_backend: str = "inductor"
     warmup: int = 3
     steps: int = 15
+    ema: bool = True
+
+
+def batch_of(combo: Combo, cfg: StepConfig) -> int:
+    return combo.batch or cfg.batch
 
 
 def make_loss() -> DenoisingLoss:
@@ -164,7 +179,7 @@ def build_step(combo: Combo, cfg: StepConfig, device, loss_fn, reference):
     """Model, optimizer and a closure doing one full training step; returns (step, fwd FLOPs/image, objs)."""
     variant = resolve_variant(combo.variant)
     channels = 4 if combo.input == "latent" else 3
-    size = cfg.image_size
+    size, batch = cfg.image_size, batch_of(combo, cfg)
     hidden, depth, heads, patch = arch(combo, cfg)
     sizes = dict(input_size=size, patch_size=patch, in_channels=channels, hidden_size=hidden, depth=depth,
                  num_heads=heads, num_classes=10)
@@ -191,8 +206,8 @@ def build_step(combo: Combo, cfg: StepConfig, device, loss_fn, reference):
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
         opt_step = opt.step
-    x = torch.randn(cfg.batch, channels, size, size, device=device)
-    y = torch.randint(0, 10, (cfg.batch,), device=device)
+    x = torch.randn(batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     use_amp = device.type == "cuda"
 
     def forward_loss(x, y):
@@ -204,6 +219,7 @@ def build_step(combo: Combo, cfg: StepConfig, device, loss_fn, reference):
 
     fwd = torch.compile(forward_loss, **compile_kw) if compiled and variant.fullstep else forward_loss
     mark_step = variant.compile_mode == "reduce-overhead"
+    ema_update = make_ema_update(combo, model) if cfg.ema else None
 
     def step():
         if mark_step:  # CUDA-graph trees: outputs of the previous replay may now be overwritten
@@ -213,9 +229,29 @@ def build_step(combo: Combo, cfg: StepConfig, device, loss_fn, reference):
         loss.backward()
         opt_step()
         opt.zero_grad(set_to_none=True)
+        if ema_update is not None:
+            ema_update()
         return loss.detach()
 
-    return step, flops, (model, fn, opt)
+    return step, flops, (model, fn, opt, ema_update)
+
+
+def make_ema_update(combo: Combo, model: torch.nn.Module):
+    """The EMA update of each implementation's own training loop (decay 0.9999): ours
+    :class:`~difftools.training.ema.EMA` (``_foreach_lerp_`` over all tensors); the reference's
+    train.py ``update_ema`` (for every parameter ``ema.mul_(decay).add_(param, alpha=1 - decay)``),
+    written out here as it does it."""
+    if combo.impl == "difftools":
+        ema = EMA(model, 0.9999, warmup=False)
+        return lambda: ema.update(model)
+    shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update_like_reference(decay: float = 0.9999):
+        for name, param in model.named_parameters():
+            shadow[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+    return update_like_reference
 
 
 def inductor_patch(combo: Combo, cfg: StepConfig):
@@ -260,7 +296,7 @@ def run_combo(combo: Combo, cfg: StepConfig, device, loss_fn, reference, profile
             if not math.isfinite(row.loss):
                 row.status, row.note = "error", f"non-finite loss {row.loss}"
             row.step_ms = ms
-            row.images_per_s = cfg.batch * 1000 / ms
+            row.images_per_s = batch_of(combo, cfg) * 1000 / ms
             row.mfu = 3 * flops * row.images_per_s / (PEAK_TFLOPS * 1e12)
             if profile_steps > 0:
                 try:  # a profiler failure (e.g. no CUPTI) must not cost the timed row
@@ -270,7 +306,7 @@ def run_combo(combo: Combo, cfg: StepConfig, device, loss_fn, reference, profile
                     traceback.print_exc()
                     row.extra["profile_error"] = f"{type(err).__name__}: {err}"
     except torch.OutOfMemoryError:
-        row.status, row.note = "OOM", f"out of memory at batch {cfg.batch}"
+        row.status, row.note = "OOM", f"out of memory at batch {batch_of(combo, cfg)}"
     except TimeoutError as err:
         row.status, row.note = "not run", f"stopped: {err}"
     except Exception as err:  # one broken combo must not cost the rest of the table

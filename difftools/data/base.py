@@ -140,9 +140,14 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored images (one or a batch, on any device) -> float32 in [-1, 1]: 2 * pixel / 255 - 1
+        for uint8 (the arithmetic of every item; the engine's on-device batches use it too)."""
+        return images.float() * self._scale - 1.0
+
     def __getitem__(self, key):
         index, flip = flip_key(key)
-        x = self.images[index].float() * self._scale - 1.0
+        x = self.to_float(self.images[index])
         if self.random_flip:
             if flip is None:
                 flip = bool(torch.rand(()) < 0.5)

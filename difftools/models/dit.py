@@ -27,10 +27,14 @@ in :class:`DiT` (time map, frequencies, norm eps, learned-sigma channels).
 Speed notes (for bf16 training on H100): q, k and v come from one fused Linear; attention runs
 through SDPA's flash kernel in bf16; tokens stay in a contiguous [B, N, D] layout end to end; the
 forward has no host synchronisation (label dropout is a ``torch.where``, no data-dependent
-branches), so it compiles into few graphs and overlaps with the optimizer; the adaLN modulation
-and the gated residual are one ``addcmul`` each (one pass over the tokens in eager mode; inductor
-fuses them with the layer norm / the next block's norm). ``lowp_residual=True`` trades the fp32
-residual stream for bf16 (opt-in; see :class:`DiT`); ``scripts/bench_train.py --variants`` times it.
+branches), so it compiles into few graphs and overlaps with the optimizer. The memory-bound steps
+between the matmuls (gated residual, layer norm, modulation) run as one fused kernel each way
+(:mod:`difftools.nn.fused`, ``norm_kernels="auto"``: Triton on CUDA, plain torch ops elsewhere):
+:meth:`DiT.forward` computes every block's modulation up front and chains the blocks so that each
+layer norm is fused with the residual update before it, also across block boundaries; the
+normalised tokens are recomputed in the backward instead of stored. ``lowp_residual=True`` trades
+the fp32 residual stream for bf16 (opt-in; see :class:`DiT`); ``scripts/bench_train.py`` times the
+variants beside the DiT reference.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ from timm.models.vision_transformer import Mlp
 
 from difftools.models.registry import register_rebuildable
 from difftools.nn.attention import BACKENDS, attention
+from difftools.nn.fused import IMPLS as NORM_KERNELS
+from difftools.nn.fused import gated_residual, modulate, norm_modulate, residual_norm_modulate, resolve_impl
+
+__all__ = ["DiT", "DiTBlock", "FinalLayer", "PRESETS", "dit_from_preset", "gated_residual", "modulate",
+           "parse_preset", "sincos_pos_embed_2d"]
 
 #: name -> (hidden_size, depth, num_heads); combine with a patch size: "DiT-S/2", "DiT-B/4", ...
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -55,26 +64,6 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "DiT-XL": (1152, 28, 16),
 }
 PATCH_SIZES = (2, 4, 8)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Adaptive layer-norm affine: shift + x * (1 + scale), per sample ([B, D] broadcast over tokens).
-
-    One ``addcmul`` instead of a multiply and an add: eager mode makes one pass over the [B, N, D]
-    tokens instead of two (inductor fuses either form). Mixed dtypes promote (bf16 shift/scale from
-    an autocast Linear with an fp32 ``x`` compute in fp32), exactly as the two-op form does.
-    """
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """adaLN-Zero residual update x + gate * branch (gate [B, D] broadcast over tokens), in x's dtype.
-
-    One ``addcmul``: a single pass in eager mode, and the product is not rounded to the branch's
-    (bf16) dtype before the add. The result keeps x's dtype, so the residual stream's precision is
-    fixed by the model (fp32 by default, see ``DiT(lowp_residual=...)``), not by the branch.
-    """
-    return torch.addcmul(x, gate.unsqueeze(1), branch).to(x.dtype)
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
@@ -201,9 +190,22 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The block on its own: x [B, N, D] -> x [B, N, D] (the equations of the module docstring)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = gated_residual(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1)))
         return gated_residual(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+    def forward_chained(self, x: torch.Tensor, a: torch.Tensor, gate1: torch.Tensor, shift2: torch.Tensor,
+                        scale2: torch.Tensor, gate2: torch.Tensor, next_shift: torch.Tensor,
+                        next_scale: torch.Tensor, next_eps: float, impl: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block inside :meth:`DiT.forward`'s chain: takes the residual stream x and a, the
+        already-modulated norm1(x), and returns the new x and the NEXT layer's modulated norm of it
+        (``next_shift``, ``next_scale``, ``next_eps``: the next block's norm1, or the final layer's),
+        so that each layer norm runs fused with the residual update before it
+        (:func:`difftools.nn.fused.residual_norm_modulate`). Same result as :meth:`forward`."""
+        x, a = residual_norm_modulate(x, gate1, self.attn(a), shift2, scale2, self.norm2.eps, impl)
+        return residual_norm_modulate(x, gate2, self.mlp(a), next_shift, next_scale, next_eps, impl)
 
 
 class FinalLayer(nn.Module):
@@ -236,6 +238,11 @@ class DiT(nn.Module):
     changes). That halves the memory traffic of every residual add and layer norm, but each of the
     2 * depth residual updates then rounds h to bf16's 8-bit mantissa (relative error ~4e-3 per add)
     instead of fp32's; the default keeps h in fp32, as the DiT reference trains it.
+
+    ``norm_kernels``: how the residual update + layer norm + modulation steps run: ``auto`` (the fused
+    Triton kernels of :mod:`difftools.nn.fused` for CUDA tensors, plain torch ops elsewhere),
+    ``triton`` (an error where they cannot run) or ``torch`` (the plain ops everywhere, e.g. to let
+    ``torch.compile`` fuse them itself). Same function either way; the torch path is the reference.
 
     Options for checkpoints made elsewhere (:mod:`difftools.interop`; the defaults are this toolkit's
     own convention and change nothing):
@@ -271,12 +278,15 @@ class DiT(nn.Module):
         time_freq_shift: int = 0,
         mlp_norm_eps: float = 1e-6,
         return_sigma: bool = True,
+        norm_kernels: str = "auto",
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if attn_backend not in BACKENDS:
             raise ValueError(f"unknown attn_backend {attn_backend!r}; choose one of {BACKENDS}")
+        if norm_kernels not in NORM_KERNELS:
+            raise ValueError(f"unknown norm_kernels {norm_kernels!r}; choose one of {NORM_KERNELS}")
         self._config = dict(
             input_size=input_size,
             in_channels=in_channels,
@@ -296,6 +306,7 @@ class DiT(nn.Module):
             time_freq_shift=time_freq_shift,
             mlp_norm_eps=mlp_norm_eps,
             return_sigma=return_sigma,
+            norm_kernels=norm_kernels,
         )
         self.input_size = input_size
         self.in_channels = in_channels
@@ -312,6 +323,7 @@ class DiT(nn.Module):
         self.null_class = num_classes
         self.grad_checkpointing = grad_checkpointing
         self.lowp_residual = lowp_residual
+        self.norm_kernels = norm_kernels
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2
 
@@ -421,17 +433,28 @@ class DiT(nn.Module):
             if y is None:
                 y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
             c = c + self.y_embedder(y)
+        impl = resolve_impl(self.norm_kernels, h)
+        # every block's (shift1, scale1, gate1, shift2, scale2, gate2) up front (they depend on c
+        # only), so that each layer norm can be fused with the residual update that precedes it
+        mods = [block.adaLN_modulation(c).chunk(6, dim=1) for block in self.blocks]
+        final_shift, final_scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+        a = norm_modulate(h, mods[0][0], mods[0][1], self.blocks[0].norm1.eps, impl)
         hidden = None
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks, start=1):
+        for i, block in enumerate(self.blocks):
+            if i + 1 < self.depth:
+                nxt = (mods[i + 1][0], mods[i + 1][1], self.blocks[i + 1].norm1.eps)
+            else:
+                nxt = (final_shift, final_scale, self.final_layer.norm_final.eps)
+            args = (h, a, mods[i][2], mods[i][3], mods[i][4], mods[i][5], *nxt, impl)
             if use_ckpt:
                 # recompute the block in backward instead of storing its activations (~ +33% compute)
-                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+                h, a = torch.utils.checkpoint.checkpoint(block.forward_chained, *args, use_reentrant=False)
             else:
-                h = block(h, c)
-            if i == return_hidden:
+                h, a = block.forward_chained(*args)
+            if i + 1 == return_hidden:
                 hidden = h
-        out = self.unpatchify(self.final_layer(h, c))
+        out = self.unpatchify(self.final_layer.linear(a))
         if self.returned_channels != self.out_channels:
             out = out[:, : self.returned_channels]
         return out if return_hidden is None else (out, hidden)

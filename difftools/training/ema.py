@@ -55,6 +55,26 @@ class EMA:
         self.num_updates += 1
         return d
 
+    @torch.no_grad()
+    def update_with_weight(self, model: nn.Module, weight: torch.Tensor) -> None:
+        """The same update with w = 1 - d_n read from a 0-dim device tensor, and ``num_updates`` left
+        to the caller: the form a CUDA graph can hold (a Python scalar would be baked into the
+        graph). ema + w (new - ema) in three fused passes (``_foreach_sub / mul_ / add_``); it
+        matches :meth:`update`'s ``lerp`` to fp32 round-off (lerp may contract to one FMA)."""
+        state = model.state_dict()
+        floats_ema, floats_new = [], []
+        for k, v in self.shadow.items():
+            src = state[k].detach()
+            if v.is_floating_point():
+                floats_ema.append(v)
+                floats_new.append(src.to(v.dtype))
+            else:
+                v.copy_(src)
+        if floats_ema:
+            diff = torch._foreach_sub(floats_new, floats_ema)
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(floats_ema, diff)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 

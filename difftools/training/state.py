@@ -38,14 +38,22 @@ class BatchPlan:
         """(epoch, batch index within the epoch) of global batch k."""
         return divmod(k, self.batches_per_epoch)
 
-    def indices(self, k: int) -> list:
-        """Dataset keys of this rank's share of global batch k: ints, or (index, flip) pairs."""
-        epoch, b = self.position(k)
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(permutation [n] of the dataset, flip bit [n] per item or None) of ``epoch`` (CPU tensors)."""
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.num_items, generator=g), epoch
             self._flips = torch.randint(0, 2, (self.num_items,), generator=g) if self.flip else None
-        start = b * self.global_batch + self.rank * self.per_device
+        return self._perm, self._flips
+
+    def start(self, k: int) -> int:
+        """Where this rank's share of global batch k starts in its epoch's permutation."""
+        return self.position(k)[1] * self.global_batch + self.rank * self.per_device
+
+    def indices(self, k: int) -> list:
+        """Dataset keys of this rank's share of global batch k: ints, or (index, flip) pairs."""
+        self.epoch_order(self.position(k)[0])
+        start = self.start(k)
         idx = self._perm[start:start + self.per_device].tolist()
         if self._flips is None:
             return idx

@@ -54,7 +54,9 @@ from torch.utils.data import DataLoader, Dataset
 from difftools import checkpoint as ckpt_io
 from difftools.config import from_mapping
 from difftools.device import keep_nvlink_multicast_off, lone_cpu_launch
+from difftools.training.device_data import DATA_ON_DEVICE, DeviceBatches, use_device_data
 from difftools.training.ema import EMA
+from difftools.training.graphed import GraphedStep, make_capturable, make_uncapturable
 from difftools.training.health import (
     DivergedError,
     HealthMonitor,
@@ -133,6 +135,10 @@ class TrainerConfig:
     sample_steps: int = 50
     sample_cfg_scale: float = 1.0   #: classifier-free guidance scale of the grids (1 = off)
     num_workers: int = -1           #: DataLoader workers; -1 = 0 on CPU, min(8, cores/world) on CUDA
+    data_on_device: str = "auto"    #: auto | on | off: gather batches on the device from a copy of an
+    #:                                 in-memory dataset (same batches as the loader; .device_data)
+    cuda_graphs: bool = False       #: replay the whole optimizer step as one CUDA graph (.graphed; one
+    #:                                 process, CUDA, adamw, grad_accum 1): for launch-bound small models
     progress: bool = True           #: tqdm bar on the main process
     tensorboard: bool = True
     compile: bool = False           #: torch.compile the model (CUDA)
@@ -148,6 +154,7 @@ class TrainerConfig:
         and expected type, raised before anything is built."""
         choices = {"lr_decay": ("constant", "cosine", "linear"), "optimizer": ("adamw", "sgd"),
                    "mixed_precision": ("auto", "bf16", "no"), "device": ("auto", "cpu"),
+                   "data_on_device": DATA_ON_DEVICE,
                    "sample_solver": tuple(SOLVERS)}
         return from_mapping(cls, d, node="trainer", choices=choices)
 
@@ -269,6 +276,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, config.tensorboard, enabled=self.is_main)
         self._ema_model = None
         self._uses_loader = False
+        self._graphed: GraphedStep | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -299,6 +307,9 @@ class Trainer:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
         named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         opt, self._can_skip = build_optimizer(named, cfg, self.device)
+        if cfg.cuda_graphs:
+            self._check_graphable()
+            make_capturable(opt, self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         if self._fsdp():
             # FSDP shards self.model in place: previews and evaluations sample an unsharded copy (one full
@@ -324,6 +335,14 @@ class Trainer:
             changed = apply_config(self.opt, self.sched, cfg)
             if changed and self.is_main:
                 log.info("resumed from %s with %s (checkpoint: %s)", resume, changed[1], changed[0])
+        if not cfg.cuda_graphs:
+            make_uncapturable(self.opt.optimizer)  # a checkpoint of a graphed run holds a tensor lr
+        else:
+            make_capturable(self.opt.optimizer, self.device)  # a resumed state may hold a float lr
+            dtype = torch.bfloat16 if self.acc.mixed_precision == "bf16" else None
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            self._graphed = GraphedStep(self.objective, self.model, self.params, self.opt.optimizer,
+                                        self.generator, self.ema, max_norm, self._can_skip, dtype)
         self.objective.on_start(self.run_info, resume)
         if self.vetting is not None:
             self.vetting.start(self.step, resume)
@@ -356,6 +375,21 @@ class Trainer:
         if self.acc.num_processes == 1:
             return "none"
         return "FSDP2" if self._fsdp() else "DDP"
+
+    def _check_graphable(self) -> None:
+        """trainer.cuda_graphs' requirements, each failure naming the option to change."""
+        cfg, problems = self.cfg, []
+        if self.device.type != "cuda":
+            problems.append(f"the run is on {self.device}, not CUDA")
+        if self.acc.num_processes > 1:
+            problems.append(f"{self.acc.num_processes} processes (one only)")
+        if cfg.grad_accum != 1:
+            problems.append(f"trainer.grad_accum={cfg.grad_accum} (1 only)")
+        if cfg.optimizer != "adamw" or not self._can_skip:
+            problems.append(f"trainer.optimizer={cfg.optimizer} (fused adamw only)")
+        if problems:
+            raise ValueError("trainer.cuda_graphs=true cannot capture this run: " + "; ".join(problems)
+                             + ". Set trainer.cuda_graphs=false.")
 
     def _resume_path(self) -> Path | None:
         """The checkpoint to resume from (None: a fresh run). With several processes the main process
@@ -408,6 +442,8 @@ class Trainer:
             raise ValueError(f"{type(self.objective).__name__} supplies no batches (Objective.batches "
                              "returned None) and the Trainer got no dataset")
         self._uses_loader = True
+        if use_device_data(self.cfg.data_on_device, self.dataset, self.device):
+            return DeviceBatches(self.dataset, self.plan, start, self.device)
         workers = self.cfg.num_workers
         if workers < 0:
             cores = (os.cpu_count() or 1) // self.acc.num_processes
@@ -468,16 +504,20 @@ class Trainer:
         skip_optimizer = self._can_skip and getattr(self.acc, "scaler", None) is None
         self.objective.train()
         while self.step < cfg.max_steps:
-            loss, logs = self._forward_backward(batches)
-            grad_norm = full_value(self.acc.clip_grad_norm_(self.params, max_norm)).detach()
+            if self._graphed is not None:  # the whole step, optimizer and EMA included, as one graph
+                loss, logs, grad_norm = self._graphed(_to_device(next(batches), self.device))
+                self.sched.step()
+            else:
+                loss, logs = self._forward_backward(batches)
+                grad_norm = full_value(self.acc.clip_grad_norm_(self.params, max_norm)).detach()
+                if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
+                    self.opt.optimizer.found_inf = skip_flag(grad_norm)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
             grad_norms.append(grad_norm)
-            if skip_optimizer:  # a NaN/inf gradient leaves weights and moments as they were
-                self.opt.optimizer.found_inf = skip_flag(grad_norm)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model)
             self.step += 1
             logs.update(self.objective.after_step(self.step))
             timer[1] += 1
@@ -594,7 +634,8 @@ class Trainer:
         record = {"step": self.step}
         if self._uses_loader:
             record["epoch"] = self.plan.position(self.step * self.cfg.grad_accum)[0]
-        record.update({"loss": mean_loss, "lr": self.sched.get_last_lr()[0], "it_per_s": timer[1] / dt,
+        # float(): a capturable optimizer's lr is a device tensor (one sync here, at a log step)
+        record.update({"loss": mean_loss, "lr": float(self.sched.get_last_lr()[0]), "it_per_s": timer[1] / dt,
                        "img_per_s": img_s, "grad_norm": sum(norm_values) / n})
         if verdict.skipped:
             record["skipped_steps"] = len(verdict.skipped)
