@@ -23,7 +23,7 @@ from difftools.process import VP, Flow
 from difftools.rl import (
     BrightnessReward,
     ClassifierReward,
-    NFTObjective,
+    NFTLoss,
     OldPolicy,
     build_reward,
     group_advantages,
@@ -99,12 +99,12 @@ def test_x0_adaptive_form_gradient_at_v_old():
 
 def test_objective_and_loss_reject_bad_settings():
     with pytest.raises(ValueError, match="rectified-flow"):
-        NFTObjective(VP(), times=[1.0, 0.5])
+        NFTLoss(VP(), times=[1.0, 0.5])
     with pytest.raises(ValueError, match="unknown NFT loss form"):
         nft_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), form="x1")
     with pytest.raises(ValueError, match="t_per_sample"):
-        NFTObjective(Flow(), times=[1.0, 0.5], t_per_sample=3)
-    obj = NFTObjective(Flow(), times=[1.0, 0.5, 0.25], t_per_sample=None)
+        NFTLoss(Flow(), times=[1.0, 0.5], t_per_sample=3)
+    obj = NFTLoss(Flow(), times=[1.0, 0.5, 0.25], t_per_sample=None)
     t = obj.draw_times(4, torch.Generator().manual_seed(0), "cpu")
     # all 3 grid times, each exactly once, for each of the 4 samples
     assert sorted(t.view(4, 3)[2].tolist()) == [0.25, 0.5, 1.0] and t.numel() == 12
@@ -250,8 +250,8 @@ def _toy_nft(model, sign: float, form: str = "velocity", iterations: int = 8) ->
     torch.manual_seed(0)
     model = copy.deepcopy(model)
     ref, old = copy.deepcopy(model).requires_grad_(False), OldPolicy(model)
-    objective = NFTObjective(Flow(), beta=1.0, form=form, ref_weight=1e-4, t_source="sampler",
-                             times=get_times(Flow(), "logsnr", 10, 1.0, 1e-3)[:-1], t_per_sample=2)
+    objective = NFTLoss(Flow(), beta=1.0, form=form, ref_weight=1e-4,
+                        times=get_times(Flow(), "logsnr", 10, 1.0, 1e-3)[:-1], t_per_sample=2)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     gen = torch.Generator().manual_seed(1)
     for k in range(iterations):
@@ -339,38 +339,53 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _iterations(run_dir: Path) -> list[dict]:
+    """The per-iteration records of metrics.jsonl (the engine also writes eval and event records)."""
+    return [r for r in _metrics(run_dir) if "iteration" in r]
+
+
 def test_recipe_writes_loadable_checkpoints_and_resumes_exactly(tiny_setup, tmp_path):
+    """On the engine: one optimizer step per iteration (gradient accumulation over the 8 samples in 2
+    micro-batches of 4), so checkpoints are step_<iteration>; the state is the engine's layout with
+    the old policy in state/objective.safetensors."""
     root, base, clf = tiny_setup
     nft = _recipe()
-    full = nft.run(_compose(_overrides(base, clf)), tmp_path / "full")
+    full = nft.run(_compose(_overrides(base, clf, updates_per_epoch=1)), tmp_path / "full")
     assert full.iteration == 3 and len(full.losses) == 3 and all(math.isfinite(v) for v in full.losses)
-    ckpt = tmp_path / "full" / "checkpoints" / "iter_0000003"
+    ckpt = tmp_path / "full" / "checkpoints" / "step_0000003"
     assert ckpt_io.read_latest(tmp_path / "full" / "checkpoints") == ckpt
     state_files = {p.name for p in (ckpt / "state").iterdir()}
-    assert state_files == {"nft.json", "old.safetensors", "optimizer.pt", "rng.pt"}
+    assert state_files == {"objective.safetensors", "optimizer.pt", "scheduler.pt", "trainer.json",
+                           "rng_0.pt"}
+    meta = json.loads((ckpt / "state" / "trainer.json").read_text())
+    assert meta["grad_accum"] == 2 and meta["global_batch"] == 4 and meta["step"] == 3
     loaded = difftools.load(tmp_path / "full")
     assert isinstance(loaded.process, Flow) and loaded.prediction == "flow" and loaded.step == 3
     assert loaded.dataset_info["name"] == "digits" and loaded.config["reward"] == "classifier"
-    assert (tmp_path / "full" / "samples" / "iter_0000000.png").is_file()
-    assert (tmp_path / "full" / "samples" / "iter_0000003.png").is_file()
-    records = _metrics(tmp_path / "full")
-    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert (tmp_path / "full" / "samples" / "step_0000000.png").is_file()
+    assert (tmp_path / "full" / "samples" / "step_0000003.png").is_file()
+    records = _iterations(tmp_path / "full")
+    assert [r["iteration"] for r in records] == [1, 2, 3] and [r["step"] for r in records] == [1, 2, 3]
     assert all(0 <= r["reward_accuracy"] <= 1 and r["r_mean"] == pytest.approx(0.5) for r in records)
     # the model moved away from the base, and the old policy trails it (d = 0, 0.001, 0.002)
     base_w = ckpt_io.load_weights(base / "ema.safetensors")
     model_w = ckpt_io.load_weights(ckpt / "model.safetensors")
     assert max((model_w[k] - base_w[k]).abs().max().item() for k in base_w) > 1e-4
     assert [r["old_decay"] for r in records] == pytest.approx([0.0, 0.001, 0.002])
+    state = ckpt_io.load_weights(ckpt / "state" / "objective.safetensors")
+    old_w = {k[len("extra/old."):]: v for k, v in state.items() if k.startswith("extra/old.")}
+    assert set(old_w) == set(model_w) and not all(torch.equal(old_w[k], model_w[k]) for k in model_w)
 
     # killed after iteration 2 (its checkpoint is the last thing it wrote), then resumed
-    part = nft.run(_compose(_overrides(base, clf, iterations=2)), tmp_path / "part")
+    part = nft.run(_compose(_overrides(base, clf, iterations=2, updates_per_epoch=1)), tmp_path / "part")
     assert part.losses == full.losses[:2]
-    resumed = nft.run(_compose(_overrides(base, clf, resume="auto")), tmp_path / "part")
+    resumed = nft.run(_compose(_overrides(base, clf, resume="auto", updates_per_epoch=1)), tmp_path / "part")
     assert resumed.losses == full.losses[2:]  # bit-exact on CPU
-    resumed_w = ckpt_io.load_weights(tmp_path / "part" / "checkpoints" / "iter_0000003" / "model.safetensors")
+    resumed_w = ckpt_io.load_weights(tmp_path / "part" / "checkpoints" / "step_0000003" / "model.safetensors")
     assert all(torch.equal(resumed_w[k], model_w[k]) for k in model_w)
     with pytest.raises(ckpt_io.CheckpointError, match="group_size=4"):
-        nft.run(_compose(_overrides(base, clf, group_size=2, resume="auto", iterations=4)), tmp_path / "part")
+        nft.run(_compose(_overrides(base, clf, group_size=2, resume="auto", iterations=4,
+                                    updates_per_epoch=1)), tmp_path / "part")
 
 
 def test_recipe_clear_errors(tiny_setup, tmp_path):
@@ -393,14 +408,15 @@ def test_recipe_stops_on_nan_loss(tiny_setup, tmp_path, monkeypatch):
     from difftools.training import NonFiniteLossError
 
     root, base, clf = tiny_setup
-    original = NFTObjective.__call__
+    original = NFTLoss.__call__
 
     def poisoned(self, *args, **kw):
         loss, logs = original(self, *args, **kw)
         return loss * float("nan"), logs
 
-    monkeypatch.setattr(NFTObjective, "__call__", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"iteration 1.*\(none yet\)"):
+    monkeypatch.setattr(NFTLoss, "__call__", poisoned)
+    # the engine's stop: at the first check (step 1 = iteration 1), before any checkpoint is written
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 1.*No checkpoint.*optim\.lr"):
         _recipe().run(_compose(_overrides(base, clf)), tmp_path / "nan")
     assert not (tmp_path / "nan" / "checkpoints").exists()
 
@@ -413,8 +429,8 @@ def test_cli_runs_and_reports_a_missing_base(tiny_setup, tmp_path):
            *_overrides(base, clf, iterations=1, reward="brightness", **{"reward_opts.target": 0.2})]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert difftools.load(tmp_path / "run").step == 1
-    rec = _metrics(tmp_path / "run")[0]
+    assert difftools.load(tmp_path / "run").step == 2  # optimizer steps: 2 micro-batches, one step each
+    rec = _iterations(tmp_path / "run")[0]
     # the reward saw the collected samples
     assert rec["reward_brightness"] == pytest.approx(rec["brightness"], abs=1e-6)
     bad = subprocess.run(cmd + [f"base={tmp_path / 'missing_base'}"], cwd=tmp_path, env=env,
@@ -439,7 +455,7 @@ def test_two_processes_collect_the_same_samples_as_one(tiny_setup, tmp_path):
     out = proc.stdout + proc.stderr
     assert "16 samples per iteration = 4 groups x 4 over 2 device(s) = 8 per device" in out
     assert "train batch 8 global = 4 per device" in out
-    one, two = _metrics(tmp_path / "one")[0], _metrics(tmp_path / "two")[0]
+    one, two = _iterations(tmp_path / "one")[0], _iterations(tmp_path / "two")[0]
     assert two["reward_mean"] == pytest.approx(one["reward_mean"], abs=1e-6)
     assert two["reward_std"] == pytest.approx(one["reward_std"], abs=1e-6)
-    assert difftools.load(tmp_path / "two").step == 1
+    assert difftools.load(tmp_path / "two").step == 2  # optimizer steps: 2 micro-batches, one step each
