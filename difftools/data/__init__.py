@@ -22,10 +22,15 @@ def build_dataset(
     image_size: int | None = None,
     random_flip: bool = False,
     verify: bool | None = None,
+    train_subset: str | None = None,
     **kw,
 ):
     """Build dataset ``name``; extra keywords: ``resize`` (pad | nearest | bilinear | bicubic) for the
     array datasets, ``channels`` for image_folder, LatentDataset's own arguments for latents.
+
+    ``train_subset="k/n"`` (Hydra: ``data.train_subset=0/2``) keeps part k of n disjoint,
+    class-balanced parts of the train split, e.g. the two halves a reward classifier and its judge
+    train on (:mod:`difftools.data.subset`); other splits are built whole.
 
     ``verify=True`` (Hydra: ``data.verify=true``) checks every item when the dataset is built and
     raises one :class:`~difftools.data.base.CorruptDataError` listing all bad files: image_folder
@@ -33,6 +38,15 @@ def build_dataset(
     sha256 (its default). None: the dataset's default. digits, mnist, fashion_mnist and cifar10 read
     and decode every item when built, so they are always verified (a bad item is reported by index).
     """
+    dataset = _build(name, root, split, image_size, random_flip, verify, **kw)
+    if train_subset is not None and split == "train":
+        from difftools.data.subset import take_part
+
+        dataset = take_part(dataset, train_subset)
+    return dataset
+
+
+def _build(name, root, split, image_size, random_flip, verify, **kw):
     if verify is not None and name in ("image_folder", "latents"):
         kw["verify"] = bool(verify)
     if name == "digits":
