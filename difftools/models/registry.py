@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 _REBUILDABLE: dict[str, type[torch.nn.Module]] = {}
-_BUILTIN_MODEL_MODULES = ("difftools.models.dit", "difftools.models.precond", "difftools.models.classifier")
+_BUILTIN_MODEL_MODULES = ("difftools.models.dit", "difftools.models.precond", "difftools.models.classifier",
+                          "difftools.models.lora")
 
 
 class UnregisteredClassError(LookupError):
