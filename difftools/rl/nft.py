@@ -216,14 +216,14 @@ class NFTLoss:
         self,
         process: NoiseProcess,
         beta: float = 1.0,
-        form: str = "velocity",
+        form: str = "x0_adaptive",
         ref_weight: float = 1e-4,
         times=None,
         t_per_sample: int | None = 1,
         t_min: float = 1e-3,
         t_max: float = 1.0,
         t_floor: float = 0.0,
-        policy_scale: float = 1.0,
+        policy_scale: float = 5.0,
     ):
         if not isinstance(process, Flow):
             raise ValueError(

@@ -411,7 +411,7 @@ class NFTObjective(Objective):
         if step % self.steps_per_iteration:
             return {}
         k = step // self.steps_per_iteration  # iterations done
-        d = old_decay(k - 1, *self.old_schedule)
+        d = old_decay(step, *self.old_schedule)  # by optimizer step, as the released code
         soft_update(self.old, self.model, d)
         logs = dict(self._current.stats) if self._current is not None else {}
         logs.update({"iteration": k, "old_decay": d, "ref_weight": self.loss.ref_weight})
