@@ -389,6 +389,29 @@ def test_recipe_writes_loadable_checkpoints_and_resumes_exactly(tiny_setup, tmp_
                                     updates_per_epoch=1)), tmp_path / "part")
 
 
+def test_resume_in_the_middle_of_an_iteration_recollects_it_exactly(tiny_setup, tmp_path):
+    """With one optimizer step per micro-batch (2 per iteration), a run stopped after step 3 -- half-way
+    through iteration 2 -- and resumed re-collects iteration 2 from (seed, k, rank) and the old policy in
+    its checkpoint, skips the micro-batch already trained on, and ends on the uninterrupted run's weights."""
+    import dataclasses
+
+    from difftools.training import Trainer
+
+    root, base, clf = tiny_setup
+    opts = dict(iterations=2, updates_per_epoch="null", ckpt_every=0)
+    full = _recipe().run(_compose(_overrides(base, clf, **opts)), tmp_path / "full")
+    assert full.iteration == 2 and len(full.losses) == 2
+    run = _build(base, clf, **opts)
+    assert run.steps_per_iteration == 2
+    tcfg = dataclasses.replace(run.trainer_config, max_steps=3, ckpt_every=1)
+    Trainer(run.objective, tcfg, tmp_path / "part", run_config=run.run_config,
+            accelerator=run.accelerator).train()
+    _recipe().run(_compose(_overrides(base, clf, resume="auto", **opts)), tmp_path / "part")
+    want = ckpt_io.load_weights(tmp_path / "full" / "checkpoints" / "step_0000004" / "model.safetensors")
+    got = ckpt_io.load_weights(tmp_path / "part" / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_recipe_clear_errors(tiny_setup, tmp_path):
     root, base, clf = tiny_setup
     nft = _recipe()
