@@ -289,21 +289,28 @@ def plot_frontier(doc: dict, path: Path) -> Path:
         ax.plot([b["fd"] for b in cfg], [b["judge_accuracy"] for b in cfg], "k-o", label="base + CFG")
         for b in cfg:
             ax.annotate(f"w={b['cfg_scale']:g}", (b["fd"], b["judge_accuracy"]), fontsize=8)
-        for r in doc["runs"]:
+        for i, r in enumerate(doc["runs"]):
+            color = f"C{i}"  # one colour per run in both panels
             if key == "record_n":
-                for kind, marker in (("best_record", "*"), ("final_record", "s")):
+                for kind, marker, ms in (("final_record", "s", 8), ("best_record", "*", 13)):
                     if kind in r:
                         ax.plot(
                             r[kind]["fd"],
                             r[kind]["judge_accuracy"],
                             marker,
-                            ms=9,
+                            ms=ms,
+                            color=color,
+                            mfc="none" if kind == "best_record" else color,
                             label=f"NFT {r['name']} {kind.split('_')[0]}",
                         )
             else:
                 ev = r["heldout"]["evaluations"]
                 ax.plot(
-                    [e["fd"] for e in ev], [e["judge_accuracy"] for e in ev], ".-", label=f"NFT {r['name']}"
+                    [e["fd"] for e in ev],
+                    [e["judge_accuracy"] for e in ev],
+                    ".-",
+                    color=color,
+                    label=f"NFT {r['name']}",
                 )
         ax.set_xlabel(f"{doc['metric']} (lower is better), n = {cfg[0]['n']}")
         ax.set_ylabel("judge accuracy (no guidance for NFT)")
