@@ -264,8 +264,11 @@ def run(args) -> dict:
         "seconds": time.perf_counter() - t_start,
     }
     (out / "nft_gpu.json").write_text(json.dumps(doc, indent=1))
-    plot_frontier(doc, out / "frontier.png")
-    plot_judge_vs_reward(doc, out / "judge_vs_reward.png")
+    try:
+        plot_frontier(doc, out / "frontier.png")
+        plot_judge_vs_reward(doc, out / "judge_vs_reward.png")
+    except ImportError as err:  # the numbers are saved; the plots can be drawn elsewhere
+        print(f"no plots ({err}): run `python scripts/nft_gpu.py plot {out}` where matplotlib is installed")
     print(
         f"goals: {goals}\nwrote {out / 'nft_gpu.json'}, frontier.png, judge_vs_reward.png "
         f"({doc['seconds']:.0f} s)",
@@ -361,6 +364,13 @@ def plot_judge_vs_reward(doc: dict, path: Path) -> Path:
     return path
 
 
+def replot(args) -> tuple[Path, Path]:
+    """Draw both plots again from ``<out>/nft_gpu.json``."""
+    out = Path(args.out)
+    doc = json.loads((out / "nft_gpu.json").read_text())
+    return plot_frontier(doc, out / "frontier.png"), plot_judge_vs_reward(doc, out / "judge_vs_reward.png")
+
+
 # ------------------------------------------------------------------ reference statistics
 def reference(args) -> Path:
     from difftools.data import build_dataset
@@ -420,6 +430,9 @@ def parse(argv=None):
     )
     r.add_argument("--smoke", action="store_true", help="tiny settings on CPU (seconds)")
     r.set_defaults(func=run)
+    g = sub.add_parser("plot", help="draw the plots again from <out>/nft_gpu.json")
+    g.add_argument("out")
+    g.set_defaults(func=replot)
     f = sub.add_parser("reference", help="reference statistics of the real training images")
     f.add_argument("--features", required=True, help="classifier checkpoint dir (or 'inception')")
     f.add_argument("--data", default="cifar10")

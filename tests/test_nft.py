@@ -867,3 +867,5 @@ def test_gpu_experiment_script_smoke(tiny_setup, judge_setup, tmp_path):
     assert saved["runs"][3]["name"] == "w0.01_s1"
     assert (tmp_path / "exp" / "frontier.png").stat().st_size > 10_000
     assert (tmp_path / "exp" / "judge_vs_reward.png").stat().st_size > 10_000
+    (tmp_path / "exp" / "frontier.png").unlink()
+    assert script.main(["plot", str(tmp_path / "exp")])[0].stat().st_size > 10_000
