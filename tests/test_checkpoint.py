@@ -282,7 +282,7 @@ def test_only_registered_classes_are_rebuilt(tmp_path, name):
     _edit_node(ckpt, model_class=name)
     registered = (r"difftools\.models\.autoencoders\.trainable:TrainableAutoencoder, "
                   r"difftools\.models\.classifier:Classifier, difftools\.models\.dit:DiT, "
-                  r"difftools\.models\.precond:EDMPrecond, "
+                  r"difftools\.models\.lora:LoRADiT, difftools\.models\.precond:EDMPrecond, "
                   r"difftools\.models\.token_transformer:TokenTransformer")
     with pytest.raises(CheckpointError, match=r"refusing model_class .*registered: " + registered):
         difftools.load(ckpt)

@@ -20,7 +20,8 @@ import torch
 
 _REBUILDABLE: dict[str, type[torch.nn.Module]] = {}
 _BUILTIN_MODEL_MODULES = ("difftools.models.dit", "difftools.models.precond", "difftools.models.classifier",
-                          "difftools.models.autoencoders.trainable", "difftools.models.token_transformer")
+                          "difftools.models.autoencoders.trainable", "difftools.models.token_transformer",
+                          "difftools.models.lora")
 
 
 class UnregisteredClassError(LookupError):

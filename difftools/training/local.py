@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from accelerate.utils import DistributedType
 
 from difftools.device import default_device
 
@@ -48,6 +49,8 @@ class LocalAccelerator:
     num_processes = 1
     is_main_process = True
     scaler = None  # bf16 needs no loss scaling
+    distributed_type = DistributedType.NO  # one process: no DDP / FSDP wrapping
+    is_fsdp2 = False
 
     def __init__(self, device=None, mixed_precision: str = "auto"):
         if mixed_precision not in MIXED_PRECISION:
