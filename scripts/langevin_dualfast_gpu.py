@@ -128,11 +128,10 @@ def reference_for(args, loaded, extractor) -> Stats:
     if args.smoke:  # smoke: statistics of random images (exercises the scoring path only)
         g = torch.Generator().manual_seed(1)
         return compute_stats(torch.randint(0, 256, (64, 1, 8, 8), generator=g, dtype=torch.uint8), extractor)
-    from difftools.metrics.evaluate import dataset_of
     from difftools.metrics.fid import reference_stats
 
-    name, size, data_cfg = dataset_of(loaded)
-    return reference_stats(name, extractor, split="train", image_size=size, root=data_cfg.get("root"))
+    name, size, root = loaded.reference_dataset()
+    return reference_stats(name, extractor, split="train", image_size=size, root=root)
 
 
 def run(args) -> dict:

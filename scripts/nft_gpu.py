@@ -385,7 +385,7 @@ def reference(args) -> Path:
 
 
 # ------------------------------------------------------------------ command line
-def parse(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -449,7 +449,7 @@ def parse(argv=None):
 
 
 def main(argv=None):
-    args = parse(argv)
+    args = parse_args(argv)
     return args.func(args)
 
 

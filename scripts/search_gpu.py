@@ -87,13 +87,12 @@ class CheckpointTask(Task):
 
     def __init__(self, args):
         import difftools
-        from difftools.metrics.evaluate import dataset_of
         from difftools.metrics.fid import float_to_uint8
 
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = difftools.load(args.ckpt, device=self.device)
         model = loaded.model.eval()
-        self.dataset, self.image_size, _ = dataset_of(loaded)
+        self.dataset, self.image_size, _ = loaded.reference_dataset()
         ae = loaded.autoencoder
         self.decode = (lambda z: ae.decode(z)) if ae is not None else (lambda z: z)
         self.shape = (model.in_channels, model.input_size, model.input_size)

@@ -54,6 +54,11 @@ def test_chained_forward_equals_block_by_block_forward():
     expected = model.unpatchify(model.final_layer(h, c))
     assert torch.equal(out, expected)
     assert torch.equal(hidden, states[1])
+    # the per-block path FSDP2 takes (each unit's weights are gathered in its own forward) is that
+    # same computation
+    h0 = model.x_embedder(x) + model.pos_embed
+    per_block, per_block_hidden = model._forward_per_block(h0, c, return_hidden=2, use_ckpt=False)
+    assert torch.equal(per_block, expected) and torch.equal(per_block_hidden, states[1])
 
 
 def test_impl_choice_errors():

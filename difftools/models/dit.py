@@ -433,6 +433,9 @@ class DiT(nn.Module):
             if y is None:
                 y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
             c = c + self.y_embedder(y)
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if _sharded(self.blocks[0]):
+            return self._forward_per_block(h, c, return_hidden, use_ckpt)
         impl = resolve_impl(self.norm_kernels, h)
         # every block's (shift1, scale1, gate1, shift2, scale2, gate2) up front (they depend on c
         # only), so that each layer norm can be fused with the residual update that precedes it
@@ -440,7 +443,6 @@ class DiT(nn.Module):
         final_shift, final_scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
         a = norm_modulate(h, mods[0][0], mods[0][1], self.blocks[0].norm1.eps, impl)
         hidden = None
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if i + 1 < self.depth:
                 nxt = (mods[i + 1][0], mods[i + 1][1], self.blocks[i + 1].norm1.eps)
@@ -454,10 +456,37 @@ class DiT(nn.Module):
                 h, a = block.forward_chained(*args)
             if i + 1 == return_hidden:
                 hidden = h
-        out = self.unpatchify(self.final_layer.linear(a))
+        return self._output(self.final_layer.linear(a), hidden, return_hidden)
+
+    def _forward_per_block(self, h: torch.Tensor, c: torch.Tensor, return_hidden: int | None,
+                           use_ckpt: bool):
+        """Each block computes its own modulation inside its own forward (:meth:`DiTBlock.forward`).
+
+        For FSDP2 with one unit per block: a unit's parameters are gathered only in that block's
+        forward, so the chained path, which reads every block's adaLN weights up front, cannot run on
+        them. Same function as the chained path (the layer norms are not fused with the residual
+        updates here)."""
+        hidden = None
+        for i, block in enumerate(self.blocks):
+            if use_ckpt:
+                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+            if i + 1 == return_hidden:
+                hidden = h
+        return self._output(self.final_layer(h, c), hidden, return_hidden)
+
+    def _output(self, tokens: torch.Tensor, hidden: torch.Tensor | None, return_hidden: int | None):
+        out = self.unpatchify(tokens)
         if self.returned_channels != self.out_channels:
             out = out[:, : self.returned_channels]
         return out if return_hidden is None else (out, hidden)
+
+
+def _sharded(block: DiTBlock) -> bool:
+    """Whether the block's parameters are FSDP2 shards (DTensors) at this point of the forward
+    (by type name: ``torch.distributed`` is not built into every torch)."""
+    return any(type(p).__name__ == "DTensor" for p in block.adaLN_modulation.parameters())
 
 
 def parse_preset(name: str) -> tuple[int, int, int, int]:
