@@ -85,7 +85,7 @@ SHARD_SIZE_ENV = "DIFFTOOLS_MAX_SHARD_SIZE"
 #: keys checkpoint_meta writes; all must be present on load (a missing one means a truncated file)
 NODE_KEYS = ("kind", "model_class", "model", "process", "prediction", "autoencoder", "dataset_info", "step")
 #: checkpoint kinds that are not denoisers (no process / prediction); every other kind is one
-NON_DENOISER_KINDS = ("classifier",)
+NON_DENOISER_KINDS = ("classifier", "caso_embeddings")
 
 log = logging.getLogger("difftools.checkpoint")
 

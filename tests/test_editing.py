@@ -17,16 +17,10 @@ import torch.nn as nn
 
 from difftools.checkpoint import CheckpointError
 from difftools.editing.attributes import attribute_dataset, ink_mass
-from difftools.editing.caso import (
-    EmbeddingDiT,
-    SemanticEmbeddings,
-    caso_loss,
-    guided_model_fn,
-    load_embeddings,
-    save_embeddings,
-)
+from difftools.editing.caso import EmbeddingDiT, caso_loss, guided_model_fn, released_train_time
+from difftools.editing.embeddings import SemanticEmbeddings, load_embeddings, make_embeddings, save_embeddings
 from difftools.editing.inversion import edit, invert, regenerate
-from difftools.editing.optimize import CasoConfig, one_step_probability, train_embeddings
+from difftools.editing.optimize import CasoConfig, CasoObjective, one_step_probability, train_embeddings
 from difftools.editing.resources import load_attribute_classifier, load_base, resolve_targets
 from difftools.models.dit import DiT
 from difftools.process import VP, Flow
@@ -186,7 +180,7 @@ def test_training_raises_target_probability_and_only_embeddings_change():
     images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     dit_before, clf_before = snapshot(dit), snapshot(clf)
     cfg = CasoConfig(max_steps=40, batch_size=16, log_every=0, ckpt_every=0)
-    init = SemanticEmbeddings(EmbeddingDiT(dit).null_embedding(), ["dark", "bright"], [0, 1])
+    init = SemanticEmbeddings(["dark", "bright"], [0, 1], init=EmbeddingDiT(dit).null_embedding())
     p0 = one_step_probability(dit, Flow(), "flow", clf, images, init, cfg.guidance_scale, cfg.t_min,
                               cfg.t_max)
     res = train_embeddings(dit, Flow(), "flow", clf, images, ["dark", "bright"], [0, 1], cfg)
@@ -197,6 +191,68 @@ def test_training_raises_target_probability_and_only_embeddings_change():
     assert same(dit_before, snapshot(dit)) and same(clf_before, snapshot(clf))
     assert not torch.equal(res.embeddings.weight[1], init.weight[1])
     assert all(not p.requires_grad for p in dit.parameters())
+
+
+class _OneProcess:
+    """The part of difftools.training.RunInfo that CasoObjective.on_start reads."""
+
+    world_size = 1
+
+
+@pytest.mark.parametrize("slot", ["vector", "label_row"])
+def test_only_the_embeddings_receive_gradients(slot):
+    dit, clf = tiny_dit(), Brightness()
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    net = EmbeddingDiT(dit)
+    emb = make_embeddings(slot, net.label_table(), net.null_class, ["dark", "bright"], [0, 1])
+    objective = CasoObjective(emb, dit, Flow(), "flow", clf, images, CasoConfig(batch_size=8, lambda_rec=0.5))
+    objective.on_start(_OneProcess(), None)
+    loss, _ = objective(next(objective.batches(0, _OneProcess())), None)
+    loss.backward()
+    # what the engine hands to its optimizer: every parameter with requires_grad
+    trainable = [n for n, p in objective.named_parameters() if p.requires_grad]
+    with_grad = [n for n, p in objective.named_parameters() if p.grad is not None]
+    expected = ["model.weight"] if slot == "vector" else ["model.coef"]
+    assert trainable == expected and with_grad == expected
+    assert objective.model.vectors().shape == (2, 32)
+    grad = dict(objective.named_parameters())[expected[0]].grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    if slot == "label_row":  # the frozen table is a buffer: it never gets a gradient
+        assert not objective.model.table.requires_grad
+        assert torch.equal(objective.model.table, net.label_table())
+
+
+def test_released_timestep_is_the_snr_matched_time_and_is_used_exactly():
+    """The released trainer trains at DDPM step 401 of SD v1's scaled-linear schedule (SNR 0.7327);
+    timestep="released" trains every step at the time of our process with that SNR."""
+    t_flow = released_train_time(Flow())
+    # alpha_bar_401 = 0.422882 -> SNR = 0.732746 -> flow t = 1 / (1 + sqrt(SNR)) (computed offline in float64)
+    assert abs(t_flow - 0.5387913) < 1e-6
+    t_vp = released_train_time(VP())
+    snr_vp = (VP().alpha(t_vp) / VP().sigma(t_vp)).pow(2).item()
+    assert abs(snr_vp - 0.7327465) < 1e-5
+    dit, clf = tiny_dit(), Brightness()
+    seen = []
+    dit.t_embedder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    net = EmbeddingDiT(dit)
+    emb = make_embeddings("vector", net.label_table(), net.null_class, ["dark", "bright"], [0, 1])
+    cfg = CasoConfig(batch_size=8, timestep="released")
+    objective = CasoObjective(emb, dit, Flow(), "flow", clf, images, cfg)
+    objective.on_start(_OneProcess(), None)
+    batches = objective.batches(0, _OneProcess())
+    for _ in range(3):
+        objective(next(batches), None)
+    t = torch.cat(seen)
+    assert t.numel() == 3 * 2 * 8  # 3 steps, CFG's cond + uncond halves, 8 images
+    assert torch.equal(t, torch.full_like(t, t_flow))
+    # the uniform default spreads over [t_min, t_max]
+    seen.clear()
+    objective = CasoObjective(emb, dit, Flow(), "flow", clf, images, CasoConfig(batch_size=64))
+    objective.on_start(_OneProcess(), None)
+    objective(next(objective.batches(0, _OneProcess())), None)
+    t = torch.cat(seen)
+    assert 0.3 <= t.min() < 0.35 and 0.65 < t.max() <= 0.7
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -210,6 +266,8 @@ def test_training_resumes_exactly(tmp_path):
     first = train_embeddings(dit, Flow(), "flow", clf, images, names, targets, CasoConfig(max_steps=3, **kw),
                              out_dir=run)
     assert first.step == 3 and (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    # the engine's layout: the embeddings are the model, the generator and history the objective state
+    assert (run / "checkpoints" / "step_0000003" / "state" / "objective.safetensors").is_file()
     resumed = train_embeddings(dit, Flow(), "flow", clf, images, ["a", "b"], [0, 1],
                                CasoConfig(max_steps=6, **kw), out_dir=run)
     assert resumed.step == 6 and len(resumed.history) == 6
@@ -222,7 +280,7 @@ def test_training_resumes_exactly(tmp_path):
 
 # ------------------------------------------------------------------ I/O and errors
 def test_embeddings_roundtrip_atomic_and_errors(tmp_path, monkeypatch):
-    emb = SemanticEmbeddings(torch.zeros(32), ["thin", "thick"], [0, 1])
+    emb = SemanticEmbeddings(["thin", "thick"], [0, 1], dim=32)
     with torch.no_grad():
         emb.weight.normal_()
     path = save_embeddings(tmp_path / "e.safetensors", emb, {"base": "runs/x"})
@@ -241,7 +299,7 @@ def test_embeddings_roundtrip_atomic_and_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_embeddings(path, SemanticEmbeddings(torch.ones(32), ["a"]))
+        save_embeddings(path, SemanticEmbeddings(["a"], init=torch.ones(32)))
     monkeypatch.undo()
     assert torch.equal(load_embeddings(path)[0].weight, emb.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors"]
