@@ -7,8 +7,12 @@
 * :mod:`difftools.editing.optimize`: the training objective on the engine (only the embeddings learn).
 * :mod:`difftools.editing.inversion`: probability-flow ODE inversion (DDIM inversion and the other
   multistep solvers on the reversed grid), regeneration, and ``edit``.
-* :mod:`difftools.editing.attributes`: derived binary attributes (stroke thickness) for attribute
-  classifiers.
+* :mod:`difftools.editing.baselines`: what CASO is measured against (a mean-difference embedding
+  direction, classifier guidance along the inverted trajectory).
+* :mod:`difftools.editing.sweep`: a sweep of editing methods over shared inversions, the
+  success / preservation frontier and the selection rule; :mod:`difftools.editing.measures`: SSIM.
+* :mod:`difftools.editing.attributes`: derived binary attributes (stroke thickness; slant, whose
+  moment measure is also the judge of slant edits).
 """
 
 from difftools.editing.caso import (
