@@ -318,6 +318,24 @@ def test_missing_inputs_give_clear_errors(tmp_path):
         resolve_targets(["a"], [12], ["x", "y"])
     with pytest.raises(ValueError, match="t_min"):
         CasoConfig(t_min=0.8, t_max=0.2)
+    with pytest.raises(ValueError, match="caso.slot 'token'.*vector"):
+        CasoConfig(slot="token")
+    with pytest.raises(ValueError, match="caso.timestep 'fixed'.*released"):
+        CasoConfig(timestep="fixed")
+    with pytest.raises(ValueError, match="splits are"):
+        attribute_dataset("digits", split="validation", attribute="slant")
+
+
+def test_caso_refuses_several_processes():
+    class TwoProcesses:
+        world_size = 2
+
+    dit = tiny_dit()
+    net = EmbeddingDiT(dit)
+    emb = make_embeddings("vector", net.label_table(), net.null_class, ["a"], [0])
+    objective = CasoObjective(emb, dit, Flow(), "flow", Brightness(), torch.zeros(2, 1, 8, 8), CasoConfig())
+    with pytest.raises(RuntimeError, match="one process"):
+        objective.on_start(TwoProcesses(), None)
 
 
 def test_thickness_attribute_is_balanced_per_class():
