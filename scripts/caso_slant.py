@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--cg-unit-pixels", type=float, default=0.02,
                    help="classifier guidance: s = w * unit, unit = this / median RMS of grad log p on S")
+    p.add_argument("--clf-epochs", type=int, default=3, help="epochs of the slant classifier on half A")
+    p.add_argument("--metric-classifier", default=None,
+                   help="10-class MNIST classifier for 'kept' (default: the cached metric classifier)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", default="docs/img/caso_slant_frontier.png")
     p.add_argument("--grid", default="docs/img/caso_slant_edits.png")
@@ -73,7 +76,7 @@ def unit_images(ds) -> torch.Tensor:
     return ds.images.float() / 127.5 - 1 if ds.images.dtype == torch.uint8 else ds.images.float() * 2 - 1
 
 
-def attribute_classifier(out: Path, splits) -> tuple[torch.nn.Module, dict]:
+def attribute_classifier(out: Path, splits, epochs: int) -> tuple[torch.nn.Module, dict]:
     from difftools.metrics.classifier import fit_classifier, save_classifier
     from difftools.metrics.features import load_classifier
     from difftools.models.classifier import Classifier
@@ -82,7 +85,7 @@ def attribute_classifier(out: Path, splits) -> tuple[torch.nn.Module, dict]:
     if not (path / "config.yaml").is_file():
         torch.manual_seed(0)
         model = Classifier(1, 32, 2, widths=(16, 32, 64), depth=1, name="clf_mnist32_slant")
-        res = fit_classifier(model, splits["train"], splits["heldout"], epochs=3, batch_size=256, lr=0.1,
+        res = fit_classifier(model, splits["train"], splits["heldout"], epochs=epochs, batch_size=256, lr=0.1,
                              flip=False, shift=2, seed=0, device="cpu", log=log)
         save_classifier(path, model, splits["train"].info, res,
                         config={"data": "mnist 32px slant, half A (difftools.editing.attributes)",
@@ -120,10 +123,17 @@ def train_arms(args, out: Path, base, clf, train_images) -> dict:
     return arms
 
 
-def sources(ds, n: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per target a: the first n images the judge puts on the other side (their edit must cross over)."""
-    x, judged, classes = unit_images(ds), ds.labels, ds.source_labels
-    return {a: (x[judged != a][:n], classes[judged != a][:n]) for a in TARGETS}
+def sources(ds, n: int, low: torch.Tensor, high: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per target a: the first n images clearly on the other side, beyond their class's quartile
+    (``low`` / ``high``: per-class 25th / 75th slant percentiles of half A): toward "right" the
+    images below the lower quartile, toward "left" those above the upper one. An edit must move
+    them past the class median, not just across it from next to it."""
+    from difftools.editing.attributes import slant
+
+    x, classes = unit_images(ds), ds.source_labels
+    s = slant(x)
+    below, above = s < low[classes], s > high[classes]
+    return {0: (x[above][:n], classes[above][:n]), 1: (x[below][:n], classes[below][:n])}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -166,8 +176,8 @@ def main(argv=None) -> dict:
                          "needs an MNIST 32px DiT (python train/dit.py data=mnist ...)")
     splits = slant_splits("mnist", image_size=32)
     medians = splits["train"].medians
-    attr_clf, attr_meta = attribute_classifier(out, splits)
-    digit_clf, digit_meta = load_attribute_classifier(None, info)  # the cached MNIST metric classifier
+    attr_clf, attr_meta = attribute_classifier(out, splits, args.clf_epochs)
+    digit_clf, digit_meta = load_attribute_classifier(args.metric_classifier, info)  # default: the cached one
     net = EmbeddingDiT(base.model)
     mf = ModelFn(net, base.process, base.prediction)
 
@@ -189,8 +199,10 @@ def main(argv=None) -> dict:
                                          splits["train"].labels.bool())
     vectors = {name: {a: arm["vectors"][a] for a in TARGETS} for name, arm in arms.items()}
     vectors["mean_difference"] = {a: md_rows.weight.detach()[a] for a in TARGETS}
-    sel_sources = sources(splits["heldout"], args.n_select)
-    rep_sources = sources(splits["test"], args.n_report)
+    low = torch.stack([a_slant[a_classes == k].quantile(0.25) for k in range(10)])
+    high = torch.stack([a_slant[a_classes == k].quantile(0.75) for k in range(10)])
+    sel_sources = sources(splits["heldout"], args.n_select, low, high)
+    rep_sources = sources(splits["test"], args.n_report, low, high)
     rms = []
     for a, (x, _) in sel_sources.items():
         g = ClassifierGuidedFn(mf, attr_clf, a, 1.0).log_prob_grad(x)
