@@ -123,7 +123,7 @@ def train_arms(args, out: Path, base, clf, train_images) -> dict:
     return arms
 
 
-def sources(ds, n: int, low: torch.Tensor, high: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def sources(ds, n: int, low: torch.Tensor, high: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
     """Per target a: the first n images clearly on the other side, beyond their class's quartile
     (``low`` / ``high``: per-class 25th / 75th slant percentiles of half A): toward "right" the
     images below the lower quartile, toward "left" those above the upper one. An edit must move
