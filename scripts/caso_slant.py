@@ -337,6 +337,7 @@ def example_grid(args, point: dict, methods, mf, rep_sources, path: str, cols: i
             fn, cond = methods[m](chosen["w"], a)
             cond = {k: v.expand(len(x), -1) for k, v in cond.items()}
             rows.append(regenerate(fn, invert(mf, x, times=grid), times=grid, **cond).clamp(-1, 1))
+    rows = [torch.cat([r, torch.ones(cols - len(r), *r.shape[1:])]) for r in rows]  # white padding
     grid = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=2, mode="nearest")
     save_grid(grid, path, nrow=cols)
     log(f"example grid: {path} (per direction: sources, then {list(point['chosen_on_S'])})")
