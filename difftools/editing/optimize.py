@@ -108,8 +108,8 @@ class CasoConfig:
         self.betas = tuple(float(b) for b in self.betas)
 
     def trainer_config(self, device: str = "cpu", cpu_threads: int | None = None) -> TrainerConfig:
-        """The engine's options: AdamW at a constant rate without warmup, no clipping, no EMA (the
-        released trainer's constant schedule with 10 warmup steps is close; our previous loop had none)."""
+        """The engine's options: AdamW at a constant rate without warmup, no clipping, no EMA (as the
+        released trainer: its diffusers ``constant`` schedule ignores its ``warmup_steps=10``)."""
         never = max(self.max_steps, 1)
         return TrainerConfig(
             batch_size=self.batch_size, max_steps=self.max_steps, optimizer="adamw", lr=self.lr,
