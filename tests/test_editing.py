@@ -507,6 +507,12 @@ def test_slant_of_a_sheared_bar_and_fixed_halves():
     labels = torch.tensor([3, 3])
     assert slant_judge(img, labels, torch.zeros(10)).tolist() == [1, 0]
     assert slant(-torch.ones(1, 1, 32, 32)).item() == 0.0  # no ink: no slant, no NaN
+    # a faint uniform background adds to mu_02 only: the plain measure shrinks toward 0, the
+    # binarised one (pixels brighter than 1/2) does not see it
+    hazy = torch.where(img > 0, img, torch.full_like(img, -0.6))  # background intensity 0.2
+    assert 0 < slant(hazy)[0] < 0.3
+    assert torch.allclose(slant(hazy, threshold=0.5), slant(img, threshold=0.5))
+    assert abs(slant(img, threshold=0.5)[0] - s[0]) < 1e-6  # binary ink: the same as the plain measure
     a, b = split_halves(11)
     assert len(a) == 5 and len(b) == 6 and sorted(torch.cat([a, b]).tolist()) == list(range(11))
     assert torch.equal(split_halves(11)[0], a)  # fixed

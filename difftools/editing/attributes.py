@@ -69,10 +69,17 @@ def ink_mass(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).flatten(1).mean(1)
 
 
-def slant(images: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def slant(images: torch.Tensor, eps: float = 1e-8, threshold: float | None = None) -> torch.Tensor:
     """-mu_11 / mu_02 of the intensity (images in [-1, 1], [N, 1, H, W] -> [N]); see the module
-    docstring. An image without ink has slant 0."""
-    ink = ((images.float() + 1) / 2).clamp(0, 1).sum(1)  # [N, H, W], channels summed
+    docstring. An image without ink has slant 0.
+
+    ``threshold`` (in [0, 1]): count only pixels brighter than it, each with weight 1. A faint uniform
+    background adds to mu_02 but not to mu_11 and so pulls the plain measure toward 0; the binarised
+    one ignores it (a robustness check of the judge)."""
+    ink = ((images.float() + 1) / 2).clamp(0, 1)
+    if threshold is not None:
+        ink = (ink > threshold).float()
+    ink = ink.sum(1)  # [N, H, W], channels summed
     _, h, w = ink.shape
     v = torch.arange(h, dtype=ink.dtype, device=ink.device)[None, :, None]
     u = torch.arange(w, dtype=ink.dtype, device=ink.device)[None, None, :]
@@ -91,10 +98,11 @@ def split_halves(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[: n // 2].sort().values, perm[n // 2:].sort().values
 
 
-def slant_judge(images: torch.Tensor, labels: torch.Tensor, medians: torch.Tensor) -> torch.Tensor:
+def slant_judge(images: torch.Tensor, labels: torch.Tensor, medians: torch.Tensor,
+                threshold: float | None = None) -> torch.Tensor:
     """1 ("right") where the slant exceeds the median of the image's class (``medians`` from half A),
-    else 0 ("left"): the judge of slant edits (no learning)."""
-    return (slant(images) > medians.to(images.device)[labels]).long()
+    else 0 ("left"): the judge of slant edits (no learning). ``threshold``: see :func:`slant`."""
+    return (slant(images, threshold=threshold) > medians.to(images.device)[labels]).long()
 
 
 def _as_unit(ds: ArrayDataset) -> torch.Tensor:
