@@ -86,8 +86,8 @@ SHARD_SIZE_ENV = "DIFFTOOLS_MAX_SHARD_SIZE"
 #: keys checkpoint_meta writes; all must be present on load (a missing one means a truncated file)
 NODE_KEYS = ("kind", "model_class", "model", "process", "prediction", "autoencoder", "dataset_info", "step")
 #: checkpoint kinds that are not denoisers (no process / prediction); every other kind is one
-#: (masked_lm / char_lm: the token models of difftools.discrete)
-NON_DENOISER_KINDS = ("classifier", "autoencoder", "masked_lm", "char_lm")
+#: (masked_lm / char_lm: the token models of difftools.discrete; caso_embeddings: difftools.editing)
+NON_DENOISER_KINDS = ("classifier", "autoencoder", "masked_lm", "char_lm", "caso_embeddings")
 
 log = logging.getLogger("difftools.checkpoint")
 

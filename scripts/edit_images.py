@@ -35,7 +35,8 @@ import torch
 
 from difftools.data import build_dataset
 from difftools.editing.attributes import images_and_labels, ink_mass
-from difftools.editing.caso import EmbeddingDiT, guided_model_fn, load_embeddings
+from difftools.editing.caso import EmbeddingDiT, guided_model_fn
+from difftools.editing.embeddings import load_embeddings
 from difftools.editing.inversion import edit, invert, regenerate
 from difftools.editing.resources import load_attribute_classifier, load_base
 from difftools.training.grid import save_grid

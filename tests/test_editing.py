@@ -17,16 +17,10 @@ import torch.nn as nn
 
 from difftools.checkpoint import CheckpointError
 from difftools.editing.attributes import attribute_dataset, ink_mass
-from difftools.editing.caso import (
-    EmbeddingDiT,
-    SemanticEmbeddings,
-    caso_loss,
-    guided_model_fn,
-    load_embeddings,
-    save_embeddings,
-)
+from difftools.editing.caso import EmbeddingDiT, caso_loss, guided_model_fn, released_train_time
+from difftools.editing.embeddings import SemanticEmbeddings, load_embeddings, make_embeddings, save_embeddings
 from difftools.editing.inversion import edit, invert, regenerate
-from difftools.editing.optimize import CasoConfig, one_step_probability, train_embeddings
+from difftools.editing.optimize import CasoConfig, CasoObjective, one_step_probability, train_embeddings
 from difftools.editing.resources import load_attribute_classifier, load_base, resolve_targets
 from difftools.models.dit import DiT
 from difftools.process import VP, Flow
@@ -186,7 +180,7 @@ def test_training_raises_target_probability_and_only_embeddings_change():
     images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     dit_before, clf_before = snapshot(dit), snapshot(clf)
     cfg = CasoConfig(max_steps=40, batch_size=16, log_every=0, ckpt_every=0)
-    init = SemanticEmbeddings(EmbeddingDiT(dit).null_embedding(), ["dark", "bright"], [0, 1])
+    init = SemanticEmbeddings(["dark", "bright"], [0, 1], init=EmbeddingDiT(dit).null_embedding())
     p0 = one_step_probability(dit, Flow(), "flow", clf, images, init, cfg.guidance_scale, cfg.t_min,
                               cfg.t_max)
     res = train_embeddings(dit, Flow(), "flow", clf, images, ["dark", "bright"], [0, 1], cfg)
@@ -197,6 +191,68 @@ def test_training_raises_target_probability_and_only_embeddings_change():
     assert same(dit_before, snapshot(dit)) and same(clf_before, snapshot(clf))
     assert not torch.equal(res.embeddings.weight[1], init.weight[1])
     assert all(not p.requires_grad for p in dit.parameters())
+
+
+class _OneProcess:
+    """The part of difftools.training.RunInfo that CasoObjective.on_start reads."""
+
+    world_size = 1
+
+
+@pytest.mark.parametrize("slot", ["vector", "label_row"])
+def test_only_the_embeddings_receive_gradients(slot):
+    dit, clf = tiny_dit(), Brightness()
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    net = EmbeddingDiT(dit)
+    emb = make_embeddings(slot, net.label_table(), net.null_class, ["dark", "bright"], [0, 1])
+    objective = CasoObjective(emb, dit, Flow(), "flow", clf, images, CasoConfig(batch_size=8, lambda_rec=0.5))
+    objective.on_start(_OneProcess(), None)
+    loss, _ = objective(next(objective.batches(0, _OneProcess())), None)
+    loss.backward()
+    # what the engine hands to its optimizer: every parameter with requires_grad
+    trainable = [n for n, p in objective.named_parameters() if p.requires_grad]
+    with_grad = [n for n, p in objective.named_parameters() if p.grad is not None]
+    expected = ["model.weight"] if slot == "vector" else ["model.coef"]
+    assert trainable == expected and with_grad == expected
+    assert objective.model.vectors().shape == (2, 32)
+    grad = dict(objective.named_parameters())[expected[0]].grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    if slot == "label_row":  # the frozen table is a buffer: it never gets a gradient
+        assert not objective.model.table.requires_grad
+        assert torch.equal(objective.model.table, net.label_table())
+
+
+def test_released_timestep_is_the_snr_matched_time_and_is_used_exactly():
+    """The released trainer trains at DDPM step 401 of SD v1's scaled-linear schedule (SNR 0.7327);
+    timestep="released" trains every step at the time of our process with that SNR."""
+    t_flow = released_train_time(Flow())
+    # alpha_bar_401 = 0.422882 -> SNR = 0.732746 -> flow t = 1 / (1 + sqrt(SNR)) (computed offline in float64)
+    assert abs(t_flow - 0.5387913) < 1e-6
+    t_vp = released_train_time(VP())
+    snr_vp = (VP().alpha(t_vp) / VP().sigma(t_vp)).pow(2).item()
+    assert abs(snr_vp - 0.7327465) < 1e-5
+    dit, clf = tiny_dit(), Brightness()
+    seen = []
+    dit.t_embedder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    net = EmbeddingDiT(dit)
+    emb = make_embeddings("vector", net.label_table(), net.null_class, ["dark", "bright"], [0, 1])
+    cfg = CasoConfig(batch_size=8, timestep="released")
+    objective = CasoObjective(emb, dit, Flow(), "flow", clf, images, cfg)
+    objective.on_start(_OneProcess(), None)
+    batches = objective.batches(0, _OneProcess())
+    for _ in range(3):
+        objective(next(batches), None)
+    t = torch.cat(seen)
+    assert t.numel() == 3 * 2 * 8  # 3 steps, CFG's cond + uncond halves, 8 images
+    assert torch.equal(t, torch.full_like(t, t_flow))
+    # the uniform default spreads over [t_min, t_max]
+    seen.clear()
+    objective = CasoObjective(emb, dit, Flow(), "flow", clf, images, CasoConfig(batch_size=64))
+    objective.on_start(_OneProcess(), None)
+    objective(next(objective.batches(0, _OneProcess())), None)
+    t = torch.cat(seen)
+    assert 0.3 <= t.min() < 0.35 and 0.65 < t.max() <= 0.7
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -210,6 +266,8 @@ def test_training_resumes_exactly(tmp_path):
     first = train_embeddings(dit, Flow(), "flow", clf, images, names, targets, CasoConfig(max_steps=3, **kw),
                              out_dir=run)
     assert first.step == 3 and (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    # the engine's layout: the embeddings are the model, the generator and history the objective state
+    assert (run / "checkpoints" / "step_0000003" / "state" / "objective.safetensors").is_file()
     resumed = train_embeddings(dit, Flow(), "flow", clf, images, ["a", "b"], [0, 1],
                                CasoConfig(max_steps=6, **kw), out_dir=run)
     assert resumed.step == 6 and len(resumed.history) == 6
@@ -222,7 +280,7 @@ def test_training_resumes_exactly(tmp_path):
 
 # ------------------------------------------------------------------ I/O and errors
 def test_embeddings_roundtrip_atomic_and_errors(tmp_path, monkeypatch):
-    emb = SemanticEmbeddings(torch.zeros(32), ["thin", "thick"], [0, 1])
+    emb = SemanticEmbeddings(["thin", "thick"], [0, 1], dim=32)
     with torch.no_grad():
         emb.weight.normal_()
     path = save_embeddings(tmp_path / "e.safetensors", emb, {"base": "runs/x"})
@@ -241,7 +299,7 @@ def test_embeddings_roundtrip_atomic_and_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_embeddings(path, SemanticEmbeddings(torch.ones(32), ["a"]))
+        save_embeddings(path, SemanticEmbeddings(["a"], init=torch.ones(32)))
     monkeypatch.undo()
     assert torch.equal(load_embeddings(path)[0].weight, emb.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors"]
@@ -260,6 +318,24 @@ def test_missing_inputs_give_clear_errors(tmp_path):
         resolve_targets(["a"], [12], ["x", "y"])
     with pytest.raises(ValueError, match="t_min"):
         CasoConfig(t_min=0.8, t_max=0.2)
+    with pytest.raises(ValueError, match="caso.slot 'token'.*vector"):
+        CasoConfig(slot="token")
+    with pytest.raises(ValueError, match="caso.timestep 'fixed'.*released"):
+        CasoConfig(timestep="fixed")
+    with pytest.raises(ValueError, match="splits are"):
+        attribute_dataset("digits", split="validation", attribute="slant")
+
+
+def test_caso_refuses_several_processes():
+    class TwoProcesses:
+        world_size = 2
+
+    dit = tiny_dit()
+    net = EmbeddingDiT(dit)
+    emb = make_embeddings("vector", net.label_table(), net.null_class, ["a"], [0])
+    objective = CasoObjective(emb, dit, Flow(), "flow", Brightness(), torch.zeros(2, 1, 8, 8), CasoConfig())
+    with pytest.raises(RuntimeError, match="one process"):
+        objective.on_start(TwoProcesses(), None)
 
 
 def test_thickness_attribute_is_balanced_per_class():
@@ -317,3 +393,165 @@ def test_recipe_and_edit_script_end_to_end(tmp_path):
     assert all(r["n"] <= 3 and 0 <= r["success"] <= 1 and r["rmse"] >= 0 for r in result["rows"])
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert json.loads((tmp_path / "m.json").read_text())["rows"]
+
+
+# ------------------------------------------------------------------ slots (issue 17)
+def test_label_row_slot_is_a_new_table_row_in_the_span_and_equals_the_dits_own_path():
+    dit = tiny_dit()
+    net = EmbeddingDiT(dit)
+    table = net.label_table()
+    emb = make_embeddings("label_row", table, net.null_class, ["a", "b"], [0, 1])
+    # starts at the null row, like the vector slot
+    assert torch.equal(emb.vectors(), table[net.null_class].expand(2, -1))
+    with torch.no_grad():
+        emb.coef.copy_(torch.randn(2, table.shape[0]))
+    assert torch.allclose(emb.vectors(), emb.coef @ table)
+    # a new class row appended to the table, looked up by the DiT's own forward (its frozen
+    # conditioning path) is exactly the same computation as the conditioning vector fed to EmbeddingDiT
+    bigger = DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                 num_classes=4)
+    state = {k: v for k, v in dit.state_dict().items() if "embedding_table" not in k}
+    bigger.load_state_dict(state, strict=False)
+    row = emb.vectors()[1].detach()
+    with torch.no_grad():  # rows 0-2: the classes, 3: the new row, 4: the null row
+        bigger.y_embedder.embedding_table.weight.copy_(torch.cat([table[:3], row[None], table[3:]]))
+    bigger.eval()
+    x, t = torch.randn(5, 1, 8, 8), torch.rand(5)
+    assert torch.equal(bigger(x, t, torch.full((5,), 3)), net(x, t, y_embed=row))
+
+
+# ------------------------------------------------------------------ baselines (issue 17)
+def test_mean_difference_baseline_is_the_stated_mean():
+    from difftools.editing.baselines import (
+        class_step,
+        label_embeddings,
+        mean_difference_direction,
+        mean_difference_embeddings,
+    )
+
+    net = EmbeddingDiT(tiny_dit())
+    table = net.label_table()
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+    positive = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, 0]).bool()
+    # counts: positives 2x class 0, 1x class 1, 3x class 2 (of 6); negatives 2x0, 1x1, 1x2 (of 4)
+    expected = (2 / 6 - 2 / 4) * table[0] + (1 / 6 - 1 / 4) * table[1] + (3 / 6 - 1 / 4) * table[2]
+    d = mean_difference_direction(label_embeddings(net, labels), positive)
+    assert torch.allclose(d, expected, atol=1e-6)
+    rows, raw = mean_difference_embeddings(net, labels, positive, ["neg", "pos"], [0, 1])
+    step = float((table[:3] - table[3]).norm(dim=1).mean())
+    assert abs(class_step(net) - step) < 1e-6
+    assert torch.allclose(rows.weight[1], table[3] + step * expected / expected.norm(), atol=1e-5)
+    assert torch.allclose(rows.weight[0], table[3] - step * expected / expected.norm(), atol=1e-5)
+    assert torch.equal(raw, d)
+    # balanced inside every class: the label embeddings carry no direction at all
+    balanced = torch.tensor([1, 0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="exactly zero"):
+        mean_difference_embeddings(net, torch.tensor([0, 0, 1, 1, 2, 2]), balanced.bool())
+    with pytest.raises(ValueError, match="both"):
+        mean_difference_direction(table[:3], torch.ones(3, dtype=torch.bool))
+
+
+def test_edit_with_null_and_no_guidance_is_the_inversions_reconstruction():
+    """Null embedding, no guidance (w = 1 and CFG with cond = uncond): the edit is regenerate(invert(x))
+    with the plain model; its error against the source is the ODE solvers' discretisation error, which
+    falls at first order with the steps (DDIM)."""
+    from difftools.editing.baselines import ClassifierGuidedFn
+
+    net = EmbeddingDiT(tiny_dit())
+    mf = ModelFn(net, Flow(), "flow")
+    x = (torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 0.8
+    null = net.null_embedding().expand(6, -1)
+    err = {}
+    for n in (10, 20, 40):
+        plain = regenerate(mf, invert(mf, x, steps=n), steps=n)
+        for w in (1.0, 5.0):
+            out, _ = edit(mf, guided_model_fn(net, Flow(), "flow", w), x, invert_cond={},
+                          edit_cond={"y_embed": null}, steps=n, t_edit=1.0)
+            assert torch.allclose(out, plain, atol=1e-5)
+        # classifier guidance with scale 0 is the unguided model too
+        out, _ = edit(mf, ClassifierGuidedFn(mf, Brightness(), 1, 0.0), x, invert_cond={}, edit_cond={},
+                      steps=n, t_edit=1.0)
+        assert torch.equal(out, plain)
+        err[n] = (plain - x).pow(2).mean().sqrt().item()
+    assert err[10] > err[20] > err[40] and err[10] / err[40] > 2.5 and err[40] < 0.02
+
+
+def test_classifier_guidance_moves_the_estimate_along_the_log_prob_gradient():
+    from difftools.editing.baselines import ClassifierGuidedFn
+
+    net, clf = EmbeddingDiT(tiny_dit()), Brightness()
+    mf = ModelFn(net, Flow(), "flow")
+    x_t, t = torch.randn(4, 1, 8, 8), 0.6
+    plain = mf.predict(x_t, t)
+    guided = ClassifierGuidedFn(mf, clf, 1, 0.5).predict(x_t, t)
+    # Brightness: log p(bright | x) = log sigmoid(2 s m), m = mean pixel; d/dx = 2 s (1 - p) / 64 per pixel
+    m = plain.x0.mean((1, 2, 3))
+    p = torch.sigmoid(2 * 10.0 * m)
+    step = 0.5 * 2 * 10.0 * (1 - p) / 64
+    assert torch.allclose(guided.x0 - plain.x0, step[:, None, None, None].expand_as(x_t), atol=1e-6)
+    # eps stays consistent with x_t: x_t = alpha x0 + sigma eps
+    assert torch.allclose((1 - t) * guided.x0 + t * guided.eps, x_t, atol=1e-5)
+
+
+# ------------------------------------------------------------------ slant judge and measures (issue 17)
+def test_slant_of_a_sheared_bar_and_fixed_halves():
+    from difftools.editing.attributes import slant, slant_judge, split_halves
+
+    img = -torch.ones(2, 1, 32, 32)
+    for v in range(6, 26):  # a bar leaning right: 0.5 columns to the right per row going up
+        u = round(16 + 0.5 * (16 - v))
+        img[0, 0, v, u - 1:u + 2] = 1.0
+    img[1] = img[0].flip(-1)  # its mirror image leans left
+    s = slant(img)
+    assert abs(s[0] - 0.5) < 0.05 and abs(s[1] + 0.5) < 0.05
+    labels = torch.tensor([3, 3])
+    assert slant_judge(img, labels, torch.zeros(10)).tolist() == [1, 0]
+    assert slant(-torch.ones(1, 1, 32, 32)).item() == 0.0  # no ink: no slant, no NaN
+    # a faint uniform background adds to mu_02 only: the plain measure shrinks toward 0, the
+    # binarised one (pixels brighter than 1/2) does not see it
+    hazy = torch.where(img > 0, img, torch.full_like(img, -0.6))  # background intensity 0.2
+    assert 0 < slant(hazy)[0] < 0.3
+    assert torch.allclose(slant(hazy, threshold=0.5), slant(img, threshold=0.5))
+    assert abs(slant(img, threshold=0.5)[0] - s[0]) < 1e-6  # binary ink: the same as the plain measure
+    a, b = split_halves(11)
+    assert len(a) == 5 and len(b) == 6 and sorted(torch.cat([a, b]).tolist()) == list(range(11))
+    assert torch.equal(split_halves(11)[0], a)  # fixed
+
+
+def test_ssim_matches_the_direct_formula():
+    from difftools.editing.measures import ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 13, 14, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(2, 1, 13, 14, generator=g)).clamp(-1, 1)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    # the definition, window by window (Gaussian 11x11, std 1.5; valid positions; data in [0, 1])
+    k = torch.exp(-(torch.arange(11.0) - 5).pow(2) / (2 * 1.5 ** 2))
+    win = (k[:, None] * k[None]) / (k.sum() ** 2)
+    expected = []
+    for i in range(2):
+        a, b, vals = (x[i, 0].double() + 1) / 2, (y[i, 0].double() + 1) / 2, []
+        for r in range(13 - 10):
+            for c in range(14 - 10):
+                pa, pb, w = a[r:r + 11, c:c + 11], b[r:r + 11, c:c + 11], win.double()
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                cov = (w * (pa - ma) * (pb - mb)).sum()
+                num = (2 * ma * mb + 1e-4) * (2 * cov + 9e-4)
+                vals.append(num / ((ma ** 2 + mb ** 2 + 1e-4) * (va + vb + 9e-4)))
+        expected.append(torch.stack(vals).mean())
+    assert torch.allclose(ssim(x, y).double(), torch.stack(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="window"):
+        ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+
+
+def test_frontier_and_selection_rule():
+    from difftools.editing.sweep import pareto_front, select
+
+    pts = [(0.9, 0.1), (0.8, 0.5), (0.7, 0.4), (0.5, 0.9), (0.9, 0.05)]
+    assert pareto_front(pts) == [3, 1, 0]
+    settings = [{"success": 0.8, "kept": 0.85, "ssim": 0.9}, {"success": 0.6, "kept": 0.95, "ssim": 0.6},
+                {"success": 0.6, "kept": 0.92, "ssim": 0.75}, {"success": 0.3, "kept": 1.0, "ssim": 0.9}]
+    assert select(settings, 0.9, 0.5) is settings[2]  # best success meeting both; tie -> higher ssim
+    assert select(settings, 0.9, 0.8) is settings[3]
+    assert select(settings, 0.99, 0.95) is None

@@ -247,7 +247,8 @@ def test_noise_drawn_for_the_global_batch_equals_one_process():
 def test_denoising_objective_draws_for_the_global_batch_only_with_known_losses():
     from types import SimpleNamespace
 
-    from difftools.losses import AlignedLoss, DenoisingLoss
+    from difftools.losses import DenoisingLoss
+    from difftools.losses.alignment import AlignedLoss
     from difftools.process import Flow
     from difftools.testing import tiny_dit
     from difftools.training import DenoisingObjective, Objective

@@ -3,12 +3,13 @@
 CASO learns one conditioning embedding e_a per value a of an attribute; the diffusion model, the
 autoencoder and the attribute classifier F stay frozen. In Stable Diffusion e_a is a token slot of
 the empty prompt; in a class-conditional DiT the conditioning is the label embedding that is added
-to the time embedding, c = t_emb(t) + y_emb (see :mod:`difftools.models.dit`), so here e_a is a
-free vector in that D-dimensional space, initialised at the null-class row of the label table (the
-DiT's "empty prompt").
+to the time embedding, c = t_emb(t) + y_emb (see :mod:`difftools.models.dit`). The slots e_a can
+take here (a free vector, or a new label-table row in the span of the trained rows) are in
+:mod:`difftools.editing.embeddings`; both start at the null-class row (the DiT's "empty prompt").
 
 Per training image x (latent z0 = E(x); the identity for pixel models), with t drawn from
-[t_min, t_max] and eps ~ N(0, I):
+[t_min, t_max] (or the released trainer's one fixed time, :func:`released_train_time`) and
+eps ~ N(0, I):
 
     z_t      = alpha_t z0 + sigma_t eps
     P        = P(z_t, t; e_null) + w (P(z_t, t; e_a) - P(z_t, t; e_null))     CFG, w = 10 in the paper
@@ -20,38 +21,34 @@ trainer's squared error between a sigmoid attribute score and the target value, 
 two-class softmax classifier is exactly this. The released trainer multiplies the reconstruction
 term by 0; ``lambda_rec`` defaults to 0 here as well and is exposed.
 
-This module holds the pieces (the conditioning wrapper, the embedding table, the one-step
-estimate, the loss, safetensors I/O); :mod:`difftools.editing.optimize` is the training loop and
+This module holds the pieces (the conditioning wrapper, the one-step estimate, the loss, the
+released training time); :mod:`difftools.editing.optimize` is the training objective and
 :mod:`difftools.editing.inversion` the editing procedure.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from difftools.checkpoint import atomic_file
 from samplers.guidance import CFG
 from samplers.model import ModelFn
 
 __all__ = [
     "EmbeddingDiT",
-    "SemanticEmbeddings",
+    "LOSSES",
+    "RELEASED_STEP",
     "caso_loss",
     "guided_model_fn",
-    "load_embeddings",
     "one_step_x0",
-    "save_embeddings",
-    "LOSSES",
+    "released_train_time",
+    "sd_alphas_cumprod",
 ]
 
 LOSSES = ("ce", "prob_mse")
-EMBEDDINGS_FORMAT = "difftools.caso.v1"
 
 
 class EmbeddingDiT(nn.Module):
@@ -83,6 +80,10 @@ class EmbeddingDiT(nn.Module):
         """Rows of the label table (no dropout): [B] -> [B, D]."""
         return self.dit.y_embedder.embedding_table(y)
 
+    def label_table(self) -> torch.Tensor:
+        """The label table [num_classes + 1, D] (class rows, then the null row), detached."""
+        return self.dit.y_embedder.embedding_table.weight.detach().clone()
+
     def null_embedding(self) -> torch.Tensor:
         """The null ("empty prompt") row [D], detached."""
         return self.dit.y_embedder.embedding_table.weight[self.null_class].detach().clone()
@@ -111,45 +112,6 @@ class EmbeddingDiT(nn.Module):
         for block in dit.blocks:
             h = block(h, c)
         return dit.unpatchify(dit.final_layer(h, c))
-
-
-class SemanticEmbeddings(nn.Module):
-    """K learned conditioning vectors e_1..e_K [K, D], one per attribute value (the only trainable
-    parameters of CASO).
-
-    Args:
-        init: [D] starting point of every row (the null-class embedding: CASO's empty prompt).
-        names: one name per row, e.g. ``["thin", "thick"]`` or ``["3"]``.
-        targets: the classifier class each row steers toward (default 0..K-1).
-    """
-
-    def __init__(self, init: torch.Tensor, names: list[str], targets: list[int] | None = None):
-        super().__init__()
-        if init.ndim != 1:
-            raise ValueError(f"init must be one embedding [D], got shape {tuple(init.shape)}")
-        if not names:
-            raise ValueError("SemanticEmbeddings needs at least one attribute value name")
-        targets = list(range(len(names))) if targets is None else [int(a) for a in targets]
-        if len(targets) != len(names):
-            raise ValueError(f"{len(names)} names but {len(targets)} targets")
-        self.names = [str(n) for n in names]
-        self.targets = targets
-        self.weight = nn.Parameter(init.detach().float().expand(len(names), -1).clone())
-
-    @property
-    def dim(self) -> int:
-        return int(self.weight.shape[1])
-
-    def index(self, name: str) -> int:
-        if name not in self.names:
-            raise KeyError(f"no learned embedding named {name!r}; have {self.names}")
-        return self.names.index(name)
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return self.weight[index]
-
-    def target_tensor(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.targets, device=index.device)[index]
 
 
 def guided_model_fn(net: EmbeddingDiT, process, prediction: str, scale: float,
@@ -197,47 +159,28 @@ def caso_loss(logits: torch.Tensor, target: torch.Tensor, x0_pred: torch.Tensor 
     return loss, parts
 
 
-# ------------------------------------------------------------------ I/O
-def save_embeddings(path: str | os.PathLike, embeddings: SemanticEmbeddings,
-                    meta: dict | None = None) -> Path:
-    """Write the table as safetensors (tensor ``embeddings`` [K, D]) with JSON metadata, atomically
-    (:func:`difftools.checkpoint.atomic_file`)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    info = {"format": EMBEDDINGS_FORMAT, "names": embeddings.names, "targets": embeddings.targets,
-            "dim": embeddings.dim, **(meta or {})}
-    with atomic_file(path) as tmp:
-        save_file({"embeddings": embeddings.weight.detach().cpu().contiguous().clone()}, str(tmp),
-                  metadata={"caso": json.dumps(info, default=str)})
-    return path
+# ------------------------------------------------------------------ the released trainer's time
+#: the released trainer's training timestep: all_times[-30] of its 50-step DDIM inversion of SD v1.5
+#: (PNDM timesteps 1, 21, ..., 981), i.e. DDPM step 401 of 1000 (trainer.py, utils.ddim_forward_loop)
+RELEASED_STEP = 401
 
 
-def load_embeddings(path: str | os.PathLike,
-                    hidden_size: int | None = None) -> tuple[SemanticEmbeddings, dict]:
-    """Read a file of :func:`save_embeddings`; checks the dimension against ``hidden_size`` (the DiT's)."""
-    from safetensors import safe_open
+def sd_alphas_cumprod(num_steps: int = 1000, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> torch.Tensor:
+    """alpha_bar_k of Stable Diffusion v1's "scaled_linear" DDPM schedule (float64):
+    beta_k = (sqrt(beta_start) + k / (N - 1) (sqrt(beta_end) - sqrt(beta_start)))^2,
+    alpha_bar_k = prod_{j <= k} (1 - beta_j)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CASO embeddings not found: {path} (train them with `python train/edit.py "
-                                "base=<dit run> ...`; the file is <run>/embeddings.safetensors)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("caso")
-            weight = f.get_tensor("embeddings")
-    except Exception as err:
-        raise ValueError(f"{path} is not a CASO embeddings file: {err}") from err
-    if raw is None:
-        raise ValueError(f"{path} has no CASO metadata: not written by difftools.editing.save_embeddings")
-    meta = json.loads(raw)
-    if weight.ndim != 2 or len(meta["names"]) != weight.shape[0]:
-        raise ValueError(f"{path}: embeddings of shape {tuple(weight.shape)} do not match names "
-                         f"{meta['names']}")
-    if hidden_size is not None and weight.shape[1] != int(hidden_size):
-        raise ValueError(f"{path} holds {weight.shape[1]}-dimensional embeddings but the DiT's conditioning "
-                         f"space has {hidden_size} dimensions: they were learned for another model")
-    emb = SemanticEmbeddings(weight[0], meta["names"], meta["targets"])
-    with torch.no_grad():
-        emb.weight.copy_(weight)
-    return emb, meta
+
+def released_train_time(process, step: int = RELEASED_STEP) -> float:
+    """The time t of ``process`` with the signal-to-noise ratio of the released trainer's fixed
+    timestep: SNR = alpha_bar_k / (1 - alpha_bar_k) at k = ``step`` of SD v1's schedule (0.7327 at
+    k = 401), matched through half the log-SNR, lambda(t) = log(alpha_t / sigma_t) = log(SNR) / 2.
+    For a flow model (alpha = 1 - t, sigma = t): t = 1 / (1 + sqrt(SNR)) = 0.5388."""
+    ac = sd_alphas_cumprod()
+    if not 0 <= step < ac.numel():
+        raise ValueError(f"step must be a DDPM step in [0, {ac.numel()}), got {step}")
+    snr = float(ac[step] / (1.0 - ac[step]))
+    return float(process.t_of_lambda(torch.tensor(0.5 * math.log(snr), dtype=torch.float64)))
