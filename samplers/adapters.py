@@ -8,7 +8,9 @@ Parameterisation conversions (t = 0 data, t = 1 noise everywhere in difftools):
 * Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler`` configs): x_t = (1 - s) x0 + s eps
   with s = t, i.e. our :class:`~samplers.process.Flow`; the network is called with timestep N t;
   its output is the velocity eps - x0 (prediction ``flow``). A ``shift`` != 1 in the config only
-  reshapes diffusers' time grid; pass your own ``times`` to :func:`samplers.sample` to mimic it.
+  reshapes diffusers' time grid; pass your own ``times`` to :func:`samplers.sample` to mimic it
+  (:func:`samplers.diffusers.diffusers_grid` computes them), or run the pipeline with
+  ``samplers.diffusers.USFScheduler(schedule="diffusers")``.
 * prediction_type: ``epsilon`` -> ``eps``, ``v_prediction`` -> ``v``, ``sample`` -> ``x0``,
   ``flow_prediction`` -> ``flow``.
 * Models that learn the variance (out_channels = 2 C, e.g. DiT) are cut to their first C channels.
@@ -18,6 +20,7 @@ diffusers is imported lazily, so :mod:`samplers` stays importable with torch alo
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -28,18 +31,49 @@ from samplers.process import VP, Flow, NoiseProcess
 _PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 
 
+def source_class_name(config: dict) -> str | None:
+    """The diffusers scheduler class a config belongs to: its ``_class_name``, else the one class whose
+    constructor takes exactly the config's keys (the config of a scheduler built in code has no
+    ``_class_name``); None when no class or several unrelated ones match."""
+    if config.get("_class_name"):
+        return str(config["_class_name"])
+    import diffusers
+    from diffusers.utils import DummyObject
+
+    keys = {k for k in config if not k.startswith("_")}
+    matches = []
+    for name in dir(diffusers):
+        if not name.endswith("Scheduler"):
+            continue
+        cls = getattr(diffusers, name, None)
+        if not isinstance(cls, type) or isinstance(cls, DummyObject):
+            continue
+        if not issubclass(cls, diffusers.SchedulerMixin):
+            continue
+        if set(inspect.signature(cls.__init__).parameters) - {"self"} == keys:
+            matches.append(name)
+    # DDIMParallelScheduler & co. share their base scheduler's constructor (and its time grid)
+    plain = [m for m in matches if "Parallel" not in m]
+    return plain[0] if len(plain) == 1 else None
+
+
 def _config(scheduler_or_config) -> dict:
+    """The config as a dict, with ``_class_name`` wherever the class can be told."""
     if isinstance(scheduler_or_config, dict):
-        return dict(scheduler_or_config)
-    cfg = getattr(scheduler_or_config, "config", None)
-    if cfg is None:
-        raise TypeError("from_diffusers needs a diffusers scheduler or its config dict")
-    return dict(cfg)
+        cfg = dict(scheduler_or_config)
+        name = source_class_name(cfg)
+    else:
+        cfg = getattr(scheduler_or_config, "config", None)
+        if cfg is None:
+            raise TypeError("from_diffusers needs a diffusers scheduler or its config dict")
+        cfg, name = dict(cfg), type(scheduler_or_config).__name__
+    if name is not None:
+        cfg["_class_name"] = name
+    return cfg
 
 
-def _is_flow(cfg: dict, scheduler_or_config) -> bool:
-    name = cfg.get("_class_name") or type(scheduler_or_config).__name__
-    return "FlowMatch" in str(name) or bool(cfg.get("use_flow_sigmas", False))
+def _is_flow(cfg: dict) -> bool:
+    return "FlowMatch" in str(cfg.get("_class_name")) or bool(cfg.get("use_flow_sigmas", False))
 
 
 def _alphas_cumprod(cfg: dict, scheduler_or_config) -> torch.Tensor:
@@ -75,7 +109,7 @@ def scheduler_process(scheduler_or_config, prediction: str | None = None) -> Sch
     ``prediction`` overrides the config's ``prediction_type``. See the module docstring."""
     cfg = _config(scheduler_or_config)
     n_train = int(cfg.get("num_train_timesteps", 1000))
-    if _is_flow(cfg, scheduler_or_config):
+    if _is_flow(cfg):
         # diffusers' flow timesteps are sigma * N, and sigma is our t
         return SchedulerProcess(Flow(), prediction or "flow", float(n_train), 0.0)
     process = VP.from_alphas_cumprod(_alphas_cumprod(cfg, scheduler_or_config))
@@ -90,7 +124,9 @@ def scheduler_process(scheduler_or_config, prediction: str | None = None) -> Sch
 
 def from_diffusers(model, scheduler_or_config, prediction: str | None = None) -> ModelFn:
     """A :class:`ModelFn` for a diffusers ``UNet2DModel``, ``Transformer2DModel`` or
-    ``DiTTransformer2DModel`` (any module called ``model(x, timestep, class_labels=..., return_dict=False)``).
+    ``DiTTransformer2DModel``, ``SD3Transformer2DModel`` (any module called ``model(x, timestep=...,
+    return_dict=False, **cond)``; the timestep goes by keyword, since transformers with text conditioning
+    take ``encoder_hidden_states`` second).
 
     Args:
         model: the diffusers network.
@@ -107,7 +143,7 @@ def from_diffusers(model, scheduler_or_config, prediction: str | None = None) ->
         dtype = next(model.parameters()).dtype
         if y is not None:
             kwargs["class_labels"] = y
-        out = model(x.to(dtype), timestep.to(dtype), return_dict=False, **kwargs)[0]
+        out = model(x.to(dtype), timestep=timestep.to(dtype), return_dict=False, **kwargs)[0]
         channels = x.shape[1]
         if out.shape[1] == 2 * channels:  # learned variance: keep the mean prediction
             out = out[:, :channels]

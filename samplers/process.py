@@ -334,9 +334,13 @@ class DiscreteVP(VP):
     """A VP process defined by N discrete cumulative products ``alphas_cumprod[i]``, i = 0..N-1.
 
     As in DPM-Solver's discrete ``NoiseScheduleVP``: training index i sits at t_i = (i + 1) / N and
-    log alpha(t) is piecewise linear in t through the points (t_i, 1/2 log alphas_cumprod[i]),
-    extended linearly below t_0. So at t = (i + 1) / N the process equals the training schedule
-    exactly, and a network that takes integer timesteps is called with ``timestep(t) = N t - 1``.
+    log alpha(t) is piecewise linear in t through the points (t_i, 1/2 log alphas_cumprod[i]). So at
+    t = (i + 1) / N the process equals the training schedule exactly, and a network that takes
+    integer timesteps is called with ``timestep(t) = N t - 1``. Below t_0 the segment runs to the
+    data, (t = 0, log alpha = 0): alpha(0) = 1, sigma(0) = 0, lambda(0) = +inf, which is where
+    diffusers' schedulers end a run ("timestep -1", ``alphas_cumprod`` = 1; ``final_sigmas_type="zero"``).
+    (DPM-Solver extends the first segment linearly instead; with rising betas that gives alpha > 1
+    and an undefined sigma near t = 0.)
     """
 
     def __init__(self, alphas_cumprod):
@@ -347,8 +351,9 @@ class DiscreteVP(VP):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.alphas_cumprod = ac
         self.num_train_timesteps = n = ac.numel()
-        self._t_grid = torch.arange(1, n + 1, dtype=torch.float64) / n
-        self._log_alpha_grid = 0.5 * torch.log(ac)
+        # the grid starts at the data, (0, 0), then the N training points
+        self._t_grid = torch.arange(0, n + 1, dtype=torch.float64) / n
+        self._log_alpha_grid = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)])
         # d log alpha / dt on each segment, used for the derivative (right-continuous).
         self._slopes = torch.diff(self._log_alpha_grid) / torch.diff(self._t_grid)
         self.schedule = "discrete"

@@ -108,7 +108,9 @@ def _build_hooks(hooks: Sequence, lml, momentum) -> list:
     return hooks
 
 
-def _build_dualfast(dualfast, num_steps: int, process):
+def build_dualfast(dualfast, num_steps: int, process) -> DualFast | None:
+    """The run's :class:`~samplers.dualfast.DualFast` (reset for ``num_steps``, bound to ``process``) from
+    :func:`sample`'s ``dualfast`` argument, or None when off."""
     if isinstance(dualfast, str):
         if dualfast != "auto":
             raise ValueError(f"dualfast must be True/False, 'auto', a dict or a DualFast, got {dualfast!r}")
@@ -189,7 +191,7 @@ def sample(
     state_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
     x = x_T.to(state_dtype)
     hook_list = _build_hooks(hooks, lml, momentum)
-    df = _build_dualfast(dualfast, num_steps, process)
+    df = build_dualfast(dualfast, num_steps, process)
     modifier = df.modify if df is not None else None
     progress = None
     if not disable_progress:

@@ -401,7 +401,7 @@ def _plan_singlestep(process, i, t_s, t_t, h, lam_s, strat: Strategy) -> StepPla
 PredictionModifier = Callable[..., torch.Tensor]
 
 
-def _apply(
+def apply_update(
     upd: Update,
     x: torch.Tensor,
     primary: torch.Tensor,
@@ -409,6 +409,9 @@ def _apply(
     stage_evals: list,
     new_eval: Denoised | None,
 ) -> torch.Tensor:
+    """The update ``upd`` from state x: cx x + cp primary + the weighted evaluations of its terms
+    (``hist``: this run's grid evaluations, the current point last; ``stage_evals``: this step's
+    singlestep stages; ``new_eval``: the corrector's evaluation)."""
     out = x * upd.cx if upd.cx != 0.0 else torch.zeros_like(x)
     out.add_(primary, alpha=upd.cp)
     for ref, fld, c in upd.terms:
@@ -478,12 +481,12 @@ def integrate(
             primary = modifier(den, x, p.t_s, p.index, p.predictor.primary)
         stage_evals = []
         for stage in p.stages:
-            x_k = _apply(stage, x, primary, hist, stage_evals, None)
+            x_k = apply_update(stage, x, primary, hist, stage_evals, None)
             stage_evals.append(model_fn.predict(x_k, stage.t_out, **cond))
-        x_next = _apply(p.predictor, x, primary, hist, stage_evals, None)
+        x_next = apply_update(p.predictor, x, primary, hist, stage_evals, None)
         if p.corrector is not None and (p.corrector_kind == "implicit" or p.index < n - 1):
             new_eval = model_fn.predict(x_next, p.t_t, **cond)
-            x_next = _apply(p.corrector, x, primary, hist, stage_evals, new_eval)
+            x_next = apply_update(p.corrector, x, primary, hist, stage_evals, new_eval)
             if p.corrector_kind == "pseudo":
                 carried = new_eval  # UniC: the next step reuses this evaluation (0 NFE)
         for hook in hooks:

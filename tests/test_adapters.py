@@ -107,9 +107,9 @@ def test_flow_matching_config():
             super().__init__()
             self.inner = unet
 
-        def forward(self, x, t, return_dict=False, **kw):
-            seen.append(float(t[0]))
-            return self.inner(x, t, return_dict=return_dict, **kw)
+        def forward(self, x, timestep, return_dict=False, **kw):
+            seen.append(float(timestep[0]))
+            return self.inner(x, timestep, return_dict=return_dict, **kw)
 
     mf = from_diffusers(Spy(), sched)
     assert isinstance(mf.process, Flow) and mf.prediction == "flow"
