@@ -592,3 +592,14 @@ def test_low_precision_pipeline_keeps_a_float32_state(dtype, ulp):
     mf = ModelFn(lambda y, k: net(y.to(dtype), k).float(), process, "v", time_input=process.timestep)
     ref = sample(mf, x_T.to(dtype).float(), "dpmpp_2m", steps=20)
     assert max_diff(x, ref.to(dtype)) <= 2 * ulp  # one ulp of values in [2, 4)
+
+
+def test_readme_snippet_runs():
+    """The README's "Use with diffusers" snippet, as printed there: six evaluations, two images."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    (snippet,) = [b for b in blocks if "USFScheduler.from_config" in b]
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["images"].shape == (2, 16, 16, 3)
+    assert len(namespace["pipe"].scheduler.timesteps) == 6
