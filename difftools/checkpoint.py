@@ -68,6 +68,8 @@ from difftools.models.registry import (  # noqa: F401 (register_rebuildable re-e
     rebuildable_name,
     register_rebuildable,
 )
+from difftools.models.vae import autoencoder_from_config
+from difftools.process import PREDICTIONS, process_from_config
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -642,8 +644,6 @@ def checkpoint_node(config: Mapping, source: str | os.PathLike) -> dict:
     edited file); ``model_class`` is a string and ``model`` a mapping; a denoiser (any kind but
     ``NON_DENOISER_KINDS``) has a ``process`` mapping and a known ``prediction``.
     """
-    from difftools.process import PREDICTIONS
-
     node = config.get("checkpoint")
     if not isinstance(node, dict):
         raise CheckpointError(f"{source} has no 'checkpoint' node (found {node!r}): not written by "
@@ -730,16 +730,12 @@ def load(ckpt_dir: str | os.PathLike, use_ema: bool = True, device: str | torch.
 
     process = None
     if meta["process"] is not None:
-        from difftools.process import process_from_config
-
         try:
             process = process_from_config(meta["process"])
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"corrupt {source}: checkpoint.process {meta['process']!r}: {err}") from err
     autoencoder = None
     if meta["autoencoder"] is not None:
-        from difftools.models.vae import autoencoder_from_config
-
         try:
             autoencoder = autoencoder_from_config(meta["autoencoder"]).to(device)
         except (TypeError, ValueError) as err:

@@ -234,6 +234,29 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports from a higher layer (see LAYERS):\n" + "\n".join(map(str, upward))
 
 
+# First-party imports inside functions, each with its reason: a function-local import hides what a
+# module needs, so it is kept only where importing at module level would cost an optional dependency
+# or weight that most users never load.
+LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
+    ("difftools/__init__.py", "difftools.checkpoint"): "`import difftools` stays light (difftools.load)",
+    ("difftools/nn/fused.py", "difftools.nn.adaln_triton"): "needs triton, which CPU installs lack",
+}
+
+
+def test_first_party_imports_are_module_level_unless_listed():
+    mods = module_files(REPO)
+    known = set(mods)
+    found = set()
+    for module, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for _line, name, local in imported_modules(tree, module, path.name == "__init__.py", known):
+            if local and name.split(".")[0] in PACKAGES:
+                found.add((path.relative_to(REPO).as_posix(), name))
+    assert found == set(LOCAL_IMPORTS_ALLOWED), (
+        f"new function-local imports: {sorted(found - set(LOCAL_IMPORTS_ALLOWED))}; "
+        f"listed but gone: {sorted(set(LOCAL_IMPORTS_ALLOWED) - found)}")
+
+
 def test_known_cycles_are_still_cycles():
     """An allow-list entry whose import is gone, or no longer closes a cycle, must be deleted."""
     edges = import_edges()

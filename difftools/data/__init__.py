@@ -11,6 +11,11 @@ takes a fixed part of the split (:mod:`difftools.data.subset`). Each dataset has
 from __future__ import annotations
 
 from difftools.data.base import ArrayDataset, CorruptDataError, DatasetInfo, data_roots
+from difftools.data.cifar10 import load_cifar10_dataset
+from difftools.data.digits import load_digits_dataset
+from difftools.data.idx import load_idx_dataset
+from difftools.data.image_folder import ImageFolderDataset
+from difftools.data.latents import LatentDataset
 from difftools.data.loader import ResumableLoader, ResumableSampler, build_loader
 from difftools.data.subset import SubsetDataset, subset_indices, take_subset
 
@@ -47,24 +52,14 @@ def build_dataset(
     if verify is not None and name in ("image_folder", "latents"):
         kw["verify"] = bool(verify)
     if name == "digits":
-        from difftools.data.digits import load_digits_dataset
-
         return load_digits_dataset(split, image_size, random_flip, **kw)
     if name in ("mnist", "fashion_mnist"):
-        from difftools.data.idx import load_idx_dataset
-
         return load_idx_dataset(name, root, split, image_size, random_flip, **kw)
     if name == "cifar10":
-        from difftools.data.cifar10 import load_cifar10_dataset
-
         return load_cifar10_dataset(root, split, image_size, random_flip, **kw)
     if name == "image_folder":
-        from difftools.data.image_folder import ImageFolderDataset
-
         return ImageFolderDataset(root, image_size=image_size or 64, random_flip=random_flip, **kw)
     if name == "latents":
-        from difftools.data.latents import LatentDataset
-
         return LatentDataset(root=root, split=split, image_size=image_size, random_flip=random_flip, **kw)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 

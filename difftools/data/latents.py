@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from difftools.data.base import DatasetInfo, flip_key
+from difftools.models.vae import autoencoder_from_config
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,6 @@ class LatentDataset(Dataset):
 
     def autoencoder(self):
         """The autoencoder that made this cache (weights verified, scale/shift from the cache)."""
-        from difftools.models.vae import autoencoder_from_config
-
         ae = autoencoder_from_config(self.autoencoder_config)
         self.check_autoencoder(ae)
         return ae
@@ -242,8 +241,6 @@ class LatentDataset(Dataset):
     def check_autoencoder(self, ae) -> None:
         """Raise AutoencoderMismatchError unless ``ae`` has the weights this cache was made with."""
         if isinstance(ae, dict):
-            from difftools.models.vae import autoencoder_from_config
-
             ae = autoencoder_from_config(ae)
         cfg = self.autoencoder_config
         got = ae.checksum()

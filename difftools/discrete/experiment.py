@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from difftools import checkpoint as ckpt_io
+from difftools.data.text import CharText
 from difftools.discrete.distill import distill
 from difftools.discrete.judge import CausalLMObjective, score
 from difftools.discrete.masked import MaskedDiffusion
@@ -136,8 +137,6 @@ class Experiment:
     """Runs and resumes the experiment of ``cfg`` in ``out`` (module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, out):
-        from difftools.data.text import CharText
-
         self.cfg, self.out = cfg, Path(out)
         self.train_data = CharText(cfg.data_root, "train", cfg.seq_len, cfg.val_fraction)
         self.val_data = CharText(cfg.data_root, "val", cfg.seq_len, cfg.val_fraction)
@@ -266,8 +265,6 @@ def pooled(rows: list[dict]) -> dict:
 
 def reference(cfg: ExperimentConfig, judge) -> dict:
     """The judge's numbers on held-out text windows (what real text scores)."""
-    from difftools.data.text import CharText
-
     val = CharText(cfg.data_root, "val", cfg.seq_len, cfg.val_fraction)
     ids = torch.stack([val[i] for i in range(min(len(val), cfg.num_samples * len(cfg.seeds)))])
     return score(judge, ids, val.vocab_size)

@@ -43,6 +43,7 @@ from difftools.interop.common import (
 )
 from difftools.interop.dit import prediction_rows
 from difftools.models.dit import DiT
+from difftools.models.vae import build_autoencoder
 from samplers.adapters import scheduler_process
 from samplers.process import DiscreteVP, Flow
 
@@ -445,8 +446,6 @@ def convert(
             state[name] = prediction_rows(state[name], model.patch_size, c_out, model.out_channels)
     model.load_state_dict(state, strict=True)
     if autoencoder is None and (folder / VAE_DIR / MODEL_CONFIG).is_file():
-        from difftools.models.vae import build_autoencoder
-
         autoencoder = build_autoencoder("kl", path=str(folder / VAE_DIR))
     interop = provenance(
         f"diffusers {CLASS_NAME}",

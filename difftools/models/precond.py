@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from difftools.models.registry import rebuildable_class, rebuildable_name, register_rebuildable
+from difftools.process import process_from_config
 
 #: inner-net attributes that the trainer, sample grids, losses and metric scripts read
 _PASSTHROUGH = ("input_size", "in_channels", "out_channels", "num_classes", "null_class", "hidden_size",
@@ -80,8 +81,6 @@ class EDMPrecond(nn.Module):
                 raise ValueError("EDMPrecond(net=<mapping>) needs net_class, e.g. 'difftools.models.dit:DiT'")
             net = rebuildable_class(net_class, key="net_class")(**net)  # registered classes only
         if isinstance(process, Mapping):
-            from difftools.process import process_from_config
-
             process = process_from_config(process)
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

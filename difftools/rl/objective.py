@@ -47,6 +47,7 @@ from difftools.rl.rewards import Reward
 from difftools.rl.safeguards import RunawayGuard
 from difftools.rl.sampling import sample_policy
 from difftools.training import Objective, RunInfo
+from difftools.training.grid import sample_images, save_grid
 
 log = logging.getLogger("difftools.rl")
 
@@ -487,8 +488,6 @@ class NFTObjective(Objective):
     def preview(self, ema_model, step: int, samples_dir: Path) -> Path | None:
         """A grid of ``grid_num`` images (one class per column, fixed noise, the collection solver, no
         guidance) at ``samples/step_<step>.png``; step 0 is the base."""
-        from difftools.training.grid import sample_images, save_grid
-
         if self.grid_num <= 0:
             return None
         s = self.collection.sampler

@@ -16,9 +16,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difftools import checkpoint as ckpt_io
+from difftools.checkpoint import EMA_FILE, MODEL_FILE, CheckpointError, load, weights_sha256
+from difftools.models.lora import LoRADiT
+from difftools.process import Flow
+from difftools.rl import rewards
+from difftools.rl.evaluation import BestSelection, HeldOutEval
 from difftools.rl.nft import NFTLoss, old_schedule, shifted_times
 from difftools.rl.objective import Collection, NFTObjective, check_resume
 from difftools.rl.safeguards import RunawayGuard
+from difftools.training import DivergedError, Trainer, TrainerConfig
+from difftools.training.trainer import make_accelerator
+from samplers.schedules import get_times
 
 log = logging.getLogger("difftools.rl")
 
@@ -46,9 +54,6 @@ class NFTResult:
 
 def load_base(path, weights: str = "ema", device="cpu"):
     """The base checkpoint (``difftools.load``), refused unless it is a flow-matching model."""
-    from difftools.checkpoint import CheckpointError, load
-    from difftools.process import Flow
-
     if weights not in ("ema", "raw"):
         raise ValueError(f"base_weights must be 'ema' or 'raw', got {weights!r}")
     try:
@@ -127,8 +132,6 @@ def trainer_config(cfg: DictConfig, collection: Collection):
     """The engine options: one optimizer step = ``grad_accum`` micro-batches of ``train_batch``;
     ``iterations``, ``ckpt_every``, ``sample_every`` and ``eval.every`` (in iterations) become steps;
     one log record per iteration; AdamW without warm-up or decay (the released code's optimizer)."""
-    from difftools.training import TrainerConfig
-
     accum = grad_accum_of(cfg, collection)
     steps = collection.micro_batches // accum  # optimizer steps per iteration
     return TrainerConfig.from_dict(
@@ -164,8 +167,6 @@ def trainer_config(cfg: DictConfig, collection: Collection):
 def training_times(cfg: DictConfig, process):
     """The time grid the loss draws from (None = uniform): the shifted schedule, or the collection
     solver's own evaluation times."""
-    from samplers.schedules import get_times
-
     source = cfg.loss.times
     if source not in TIME_SOURCES:
         raise ValueError(f"loss.times must be one of {TIME_SOURCES}, got {source!r}")
@@ -178,10 +179,8 @@ def training_times(cfg: DictConfig, process):
 
 
 def build_reward(cfg: DictConfig, dataset_info):
-    from difftools.rl import build_reward as build
-
     opts = {k: cfg.reward_opts[k] for k in REWARD_KEYS[cfg.reward] if k in cfg.reward_opts}
-    return build(cfg.reward, dataset_info, **opts)
+    return rewards.build_reward(cfg.reward, dataset_info, **opts)
 
 
 def build_policy(cfg: DictConfig, base_model):
@@ -189,8 +188,6 @@ def build_policy(cfg: DictConfig, base_model):
     if not cfg.lora.enabled:
         base_model.requires_grad_(True)
         return base_model, "copy"
-    from difftools.models.lora import LoRADiT
-
     torch.manual_seed(int(cfg.seed))  # the adapters' A is drawn at random (B = 0)
     model = LoRADiT(
         base_model, rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha), targets=list(cfg.lora.targets)
@@ -199,8 +196,6 @@ def build_policy(cfg: DictConfig, base_model):
 
 
 def build_evaluator(cfg: DictConfig, loaded, device):
-    from difftools.rl.evaluation import HeldOutEval
-
     e = cfg.eval
     if int(e.every) <= 0:
         return None
@@ -246,10 +241,6 @@ class NFTRun:
 
 def build_nft(cfg, accelerator=None) -> NFTRun:
     """Load the base, build the reward, the policy, the loss and the objective (nothing trains yet)."""
-    from difftools.checkpoint import EMA_FILE, MODEL_FILE, weights_sha256
-    from difftools.rl.evaluation import BestSelection
-    from difftools.training.trainer import make_accelerator
-
     cfg = as_config(cfg)
     collection = collection_of(cfg)
     tcfg = trainer_config(cfg, collection)
@@ -341,8 +332,6 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> Path | None:
 
 def run_nft(cfg, out_dir, accelerator=None) -> NFTResult:
     """Fine-tune as configured; returns the final iteration, per-iteration losses and paths."""
-    from difftools.training import DivergedError, Trainer
-
     run = build_nft(cfg, accelerator)
     out_dir = Path(out_dir)
     cfg = as_config(cfg)
