@@ -10,24 +10,11 @@ diffusers = pytest.importorskip("diffusers")
 from difftools.process import DiscreteVP, Flow  # noqa: E402
 from samplers import sample  # noqa: E402
 from samplers.adapters import from_diffusers  # noqa: E402
+from tests import tiny_diffusers  # noqa: E402
 
 
 def tiny_unet():
-    torch.manual_seed(0)
-    return (
-        diffusers.UNet2DModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            norm_num_groups=4,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-        )
-        .double()
-        .eval()
-    )
+    return tiny_diffusers.tiny_unet().double()
 
 
 def tiny_dit():

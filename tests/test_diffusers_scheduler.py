@@ -39,6 +39,7 @@ from samplers.process import DiscreteVP, Flow  # noqa: E402
 from samplers.schedule import SolverSchedule  # noqa: E402
 from samplers.schedules import get_times  # noqa: E402
 from samplers.usf import Strategy  # noqa: E402
+from tests.tiny_diffusers import tiny_unet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE_TOL = 1e-4  # the issue's bar for "same method and grid"
@@ -48,20 +49,6 @@ SEARCHED_VP = REPO / "docs" / "search" / "mixture_vp-exact" / "schedule_nfe5.jso
 
 
 # ------------------------------------------------------------------ tiny pipelines
-def tiny_unet() -> diffusers.UNet2DModel:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
 def tiny_vae() -> diffusers.AutoencoderKL:
     torch.manual_seed(1)
     return diffusers.AutoencoderKL(
