@@ -109,7 +109,7 @@ def parse_args(argv=None):
                    help="tiny CPU run on digits in pixel space: exercises every code path (~15 s)")
     # data
     p.add_argument("--data", default="cifar10")
-    p.add_argument("--root", default=None, help="dataset root (default $DIFFTOOLS_DATA or ../shared/data)")
+    p.add_argument("--root", default=None, help="data folder (default $DIFFTOOLS_DATA; see docs/data.md)")
     p.add_argument("--image-size", type=int, default=64, help="images are resized to this before encoding")
     p.add_argument("--vae", default="taef2")
     p.add_argument("--vae-path", default=None)

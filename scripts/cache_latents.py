@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--data", required=True, help="dataset name (digits, mnist, fashion_mnist, cifar10, image_folder)"
     )
-    p.add_argument("--root", default=None, help="dataset root (default $DIFFTOOLS_DATA or ../shared/data)")
+    p.add_argument("--root", default=None, help="data folder (default $DIFFTOOLS_DATA; see docs/data.md)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size before encoding")
     p.add_argument("--splits", nargs="+", default=["train"])
     p.add_argument("--vae", default="taef2", help="identity | taef2 | kl | tiny")

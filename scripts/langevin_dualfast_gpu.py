@@ -21,7 +21,7 @@ e.g. the train split precomputed where the data lives) and the class accuracy fo
 space. Per-image seeds ``[--seed, i]``: use a seed other than the ones a schedule or default was chosen
 on (held-out). Writes ``langevin_dualfast.json`` and ``langevin_dualfast.md`` to ``--out``.
 
-    python scripts/langevin_dualfast_gpu.py --ckpt ../shared/models/cifar10_dit_t2_flow \\
+    python scripts/langevin_dualfast_gpu.py --ckpt <CIFAR-10 flow DiT checkpoint dir> \\
         --features CLASSIFIER_DIR --reference cifar10_train_stats.npz --n 10000 --seed 1 --out $OUT/ld
     python scripts/langevin_dualfast_gpu.py --smoke --out /tmp/ld       # CPU, tiny random DiT, seconds
 """

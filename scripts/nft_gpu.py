@@ -392,7 +392,7 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="CFG baseline + NFT sweep (see the module docstring)")
     r.add_argument(
-        "--base", required=True, help="flow DiT checkpoint dir (e.g. ../shared/models/cifar10_dit_t2_flow)"
+        "--base", required=True, help="class-conditional flow DiT checkpoint dir (e.g. from train/dit.py)"
     )
     r.add_argument("--reward-clf", required=True, help="reward classifier checkpoint (train-split half 0)")
     r.add_argument(

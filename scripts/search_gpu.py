@@ -3,7 +3,7 @@
 
     # GPU acceptance (issue 13) on the shared CIFAR-10 DiT-T/2 flow model; each stage fits a 10-minute
     # command, a stage whose output exists is skipped (rerun with --force), so run them one by one:
-    python scripts/search_gpu.py --ckpt ../shared/models/cifar10_dit_t2_flow --features <classifier dir> \\
+    python scripts/search_gpu.py --ckpt <CIFAR-10 flow DiT checkpoint dir> --features <classifier dir> \\
         --ref-stats <train-split stats .npz> --nfes 4,5,6,8 --n-search 1000 --n-eval 10000 \\
         --search-minutes 8 --afs-mean data --out runs/s3_gpu --stage grid      # then search, eval, report
     # CPU: a trained digits DiT (the metric classifier is trained and cached when missing)

@@ -45,7 +45,7 @@ def cifar_images(shared: Path, n: int = 32) -> torch.Tensor:
 def taef2_or_skip(shared: Path, **kw):
     d = shared / "vae"
     if not (d / "taef2_encoder.pth").is_file():
-        pytest.skip(f"TAEF2 weights not found in {d} (see ../shared/data/SOURCES.md)")
+        pytest.skip(f"TAEF2 weights not found in {d} (see docs/data.md)")
     return build_autoencoder("taef2", path=d, **kw)
 
 

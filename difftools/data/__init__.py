@@ -4,8 +4,9 @@
 with name one of ``digits`` (embedded, no files), ``mnist``, ``fashion_mnist``, ``cifar10``,
 ``image_folder``, ``latents`` (cached autoencoder latents, :mod:`difftools.data.latents`); ``subset``
 takes a fixed part of the split (:mod:`difftools.data.subset`). Each dataset has ``.info``
-(:class:`DatasetInfo`). Files are looked up under ``root``, else $DIFFTOOLS_DATA, else
-``../shared/data``; a missing file raises FileNotFoundError naming the paths tried.
+(:class:`DatasetInfo`). Files are looked up under ``root`` (Hydra: ``data.root=``), else
+$DIFFTOOLS_DATA; docs/data.md lists the layout, the files and where to get them. A missing file
+raises FileNotFoundError naming the paths tried.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from difftools.files import DATA_DOCS, data_root_setting, data_roots  # noqa: F401 (data_roots: re-exported)
+
 RESIZE_MODES = ("pad", "nearest", "bilinear", "bicubic")
 
 
@@ -24,17 +24,6 @@ class DatasetInfo:
     image_size: int
     num_classes: int
     class_names: tuple[str, ...] = field(default_factory=tuple)
-
-
-def data_roots(root: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched for dataset files, in order: ``root`` if given, else $DIFFTOOLS_DATA, else
-    ``../shared/data`` next to the repository and next to the current directory."""
-    if root is not None:
-        return [Path(root).expanduser()]
-    if os.environ.get("DIFFTOOLS_DATA"):
-        return [Path(os.environ["DIFFTOOLS_DATA"]).expanduser()]
-    roots = [REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return list(dict.fromkeys(p.resolve() for p in roots))
 
 
 class CorruptDataError(OSError):
@@ -62,14 +51,15 @@ def describe_bad_items(dataset: str, bad: list[tuple[int, str, BaseException]], 
     return f"{dataset}: {len(bad)} of {total} {noun} cannot be decoded:\n" + "\n".join(lines) + f"\n{advice}"
 
 
-def missing(dataset: str, expected: list[Path], what: str) -> FileNotFoundError:
-    """The error for absent dataset files: every path tried and how to provide the data."""
+def missing(dataset: str, expected: list[Path], what: str, folder: str, root=None) -> FileNotFoundError:
+    """The error for absent dataset files: every path tried, how to point at the data (``folder``:
+    the subfolder the data root holds, e.g. ``mnist/``) and where the files come from."""
     tried = "\n  ".join(str(p) for p in expected)
     return FileNotFoundError(
-        f"{dataset}: no {what} found. Looked for:\n  {tried}\n"
-        f"Put the files there, or point to their folder with root=... (Hydra: data.root=...) or the "
-        f"DIFFTOOLS_DATA environment variable (the folder that holds {dataset}/). See "
-        f"../shared/data/SOURCES.md for the expected files."
+        f"{dataset}: no {what} found. Looked for:\n  {tried}\nPoint to the folder that holds {folder} with "
+        f"root=<folder> (Hydra: data.root=<folder>) or the DIFFTOOLS_DATA environment variable "
+        f"({data_root_setting(root)}). See {DATA_DOCS} for the folder layout, the files, their checksums "
+        "and where to get them."
     )
 
 

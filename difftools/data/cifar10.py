@@ -1,14 +1,19 @@
 """CIFAR-10 (Krizhevsky 2009): 32x32 RGB, 10 classes, 50,000 train / 10,000 test.
 
-Layouts read (searched under each data root, then under <root>/cifar10):
+Layouts read (searched under each data root, then under <root>/cifar10; docs/data.md has the
+sources and checksums):
 
 * ``cifar10_jpeg_{train,test}.npz`` — arrays ``jpeg`` (all JPEG files concatenated), ``offsets``
-  [N+1] and ``labels`` [N] (the copy in ../shared/data; see SOURCES.md). All images are decoded once
-  with PIL into one uint8 array and cached in memory for the life of the process.
+  [N+1] and ``labels`` [N] (a JPEG re-encoding of CIFAR-10, so pixels differ slightly from the
+  original). All images are decoded once with PIL into one uint8 array and cached in memory for the
+  life of the process.
 * ``cifar10_{train,test}.npz`` or ``{train,test}.npz`` — plain arrays ``images`` uint8 [N, 32, 32, 3]
   (or [N, 3, 32, 32]) and ``labels``.
-* ``cifar-10-batches-py/`` — torchvision's python layout (``data_batch_1..5``, ``test_batch``),
-  read with an unpickler that admits only numpy's array reconstruction (no arbitrary code).
+* ``cifar-10-batches-bin/`` — the official binary version (``data_batch_1..5.bin``,
+  ``test_batch.bin``): records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32).
+* ``cifar-10-batches-py/`` — the official python version (torchvision's download), read with an
+  unpickler that admits only numpy's array reconstruction: any other global in the file is refused,
+  so the file cannot run code.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from difftools.data.base import (
+    DATA_DOCS,
     ArrayDataset,
     CorruptDataError,
     DatasetInfo,
@@ -53,7 +59,7 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
         if isinstance(err, CorruptDataError):
             raise
         raise CorruptDataError(f"{path}: cannot read this npz ({type(err).__name__}: {err}); the file is "
-                               "truncated or damaged: replace it (see ../shared/data/SOURCES.md)") from err
+                               f"truncated or damaged: replace it (see {DATA_DOCS})") from err
 
 
 def _decode_jpeg_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +93,7 @@ def _decode_jpeg_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         bad = [b for part in pool.map(decode, bounds[:-1], bounds[1:]) for b in part]
     if bad:
         raise CorruptDataError(describe_bad_items(
-            f"cifar10 {path}", bad, n, "The file is damaged: replace it (see ../shared/data/SOURCES.md)."))
+            f"cifar10 {path}", bad, n, f"The file is damaged: replace it (see {DATA_DOCS})."))
     return out, labels.astype(np.int64)
 
 
@@ -100,8 +106,13 @@ def _read_plain_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A CIFAR python batch names a global other than numpy's array rebuilding: it is not read."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR's python batches that refuses every global except numpy array rebuilding."""
+    """Unpickler for CIFAR's python batches that refuses every global except numpy array rebuilding,
+    so a batch file cannot call any function (the same idea as ``torch.load(weights_only=True)``)."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -110,20 +121,70 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
     }
 
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR batch file")
+        raise UnsafePickleError(f"{self.path}: refusing to unpickle {module}.{name} from a CIFAR batch file "
+                                f"(it should hold only numpy arrays); replace it (see {DATA_DOCS})")
+
+
+def _batch_files(folder: Path, split: str, suffix: str) -> list[Path]:
+    """The official batch files of ``split`` in ``folder``; FileNotFoundError naming any absent one."""
+    names = [f"data_batch_{i}{suffix}" for i in range(1, 6)] if split == "train" else [f"test_batch{suffix}"]
+    paths = [folder / name for name in names]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"cifar10: {folder} lacks {', '.join(absent)} (the {split} split is "
+            f"{', '.join(names)}); unpack the whole official archive there (see {DATA_DOCS})"
+        )
+    return paths
+
+
+RECORD = 1 + 3 * 32 * 32  # one record of the binary version: label byte, then R, G, B planes
+
+
+def _read_binary_batches(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The official binary version: each file is a run of 3073-byte records (label 0..9, then the
+    32x32 red, green and blue planes row by row)."""
+    images, labels = [], []
+    for path in _batch_files(folder, split, ".bin"):
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % RECORD:
+            raise CorruptDataError(
+                f"{path}: {raw.size} bytes is not a whole number of {RECORD}-byte records (1 label byte + "
+                f"3072 pixel bytes); the file is truncated or damaged: replace it (see {DATA_DOCS})"
+            )
+        records = raw.reshape(-1, RECORD)
+        bad = np.flatnonzero(records[:, 0] > 9)
+        if bad.size:
+            raise CorruptDataError(
+                f"{path}: record {bad[0]} has label {records[bad[0], 0]} (labels are 0..9; {bad.size} "
+                f"records are bad); the file is damaged or not CIFAR-10: replace it (see {DATA_DOCS})"
+            )
+        labels.append(records[:, 0].astype(np.int64))
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
 def _read_python_batches(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
-    for name in names:
-        with open(folder / name, "rb") as f:
-            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    for path in _batch_files(folder, split, ""):
+        try:
+            with open(path, "rb") as f:
+                batch = _NumpyOnlyUnpickler(f, path).load()
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except UnsafePickleError:
+            raise
+        except (EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+            raise CorruptDataError(f"{path}: cannot read this CIFAR batch ({type(err).__name__}: {err}); the "
+                                   f"file is truncated or damaged: replace it (see {DATA_DOCS})") from err
+        images.append(data.transpose(0, 2, 3, 1))
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
@@ -136,13 +197,14 @@ def _locate(root, split: str):
                 ("jpeg", folder / f"cifar10_jpeg_{split}.npz"),
                 ("npz", folder / f"cifar10_{split}.npz"),
                 ("npz", folder / f"{split}.npz"),
+                ("binary", folder / "cifar-10-batches-bin"),
                 ("pickle", folder / "cifar-10-batches-py"),
             ]
             for kind, path in options:
                 tried.append(path)
-                if kind == "pickle" and path.is_dir() or kind != "pickle" and path.is_file():
+                if path.is_dir() if kind in ("binary", "pickle") else path.is_file():
                     return kind, path
-    raise missing("cifar10", tried, f"{split} split")
+    raise missing("cifar10", tried, f"{split} split", "cifar10/", root)
 
 
 def load_cifar_arrays(root=None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +214,11 @@ def load_cifar_arrays(root=None, split: str = "train") -> tuple[np.ndarray, np.n
     kind, path = _locate(root, split)
     key = (str(path.resolve()), split, path.stat().st_mtime_ns)
     if key not in _CACHE:
-        reader = {"jpeg": _decode_jpeg_npz, "npz": _read_plain_npz}.get(kind)
-        _CACHE[key] = reader(path) if reader else _read_python_batches(path, split)
+        if kind in ("binary", "pickle"):
+            reader = _read_binary_batches if kind == "binary" else _read_python_batches
+            _CACHE[key] = reader(path, split)
+        else:
+            _CACHE[key] = (_decode_jpeg_npz if kind == "jpeg" else _read_plain_npz)(path)
     return _CACHE[key]
 
 

@@ -1,9 +1,11 @@
 """MNIST and Fashion-MNIST from their original idx files (gzipped or not), read with gzip + numpy.
 
 idx format (LeCun): big-endian header — images: magic 2051, count, rows, cols (16 bytes); labels:
-magic 2049, count (8 bytes) — then raw uint8 data. The files in ../shared/data are re-gzipped
-copies whose decompressed bytes are the canonical originals (see SOURCES.md), so no checksum of the
-.gz is checked here; the header and sizes are.
+magic 2049, count (8 bytes) — then raw uint8 data. Under the data root the files are looked up in
+our layout (``mnist/``, ``fashion-mnist/``), torchvision's download layout (``MNIST/raw/``,
+``FashionMNIST/raw/``) and the root itself, each ``.gz`` or uncompressed (docs/data.md). Copies
+of the same data may be gzipped differently, so no checksum of a file is checked here (docs/data.md
+lists the checksums of the decompressed originals); the header and sizes are.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from difftools.data.base import (
+    DATA_DOCS,
     ArrayDataset,
     CorruptDataError,
     DatasetInfo,
@@ -53,18 +56,21 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
             data = f.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a truncated or damaged .gz
         raise CorruptDataError(f"{path}: cannot decompress ({type(err).__name__}: {err}); the file is "
-                               "truncated or damaged: replace it (see ../shared/data/SOURCES.md)") from err
+                               f"truncated or damaged: replace it (see {DATA_DOCS})") from err
     magic = int.from_bytes(data[0:4], "big")
     if magic != expected_magic:
         raise ValueError(
-            f"{path}: idx magic number {magic}, expected {expected_magic} (corrupt or wrong file)"
+            f"{path}: idx magic number {magic}, expected {expected_magic} (corrupt or wrong file; "
+            f"see {DATA_DOCS})"
         )
     ndim = magic & 0xFF
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim  # 16 bytes for images (3 dims), 8 for labels (1 dim)
     arr = np.frombuffer(data, dtype=np.uint8, offset=offset)
     if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: {arr.size} data bytes, header says {dims} (truncated file?)")
+        raise ValueError(
+            f"{path}: {arr.size} data bytes, header says {dims} (truncated file? see {DATA_DOCS})"
+        )
     return arr.reshape(dims)
 
 
@@ -77,7 +83,7 @@ def _find(name: str, filename: str, root) -> Path:
                 candidates.append(path)
                 if path.is_file():
                     return path
-    raise missing(name, [c for c in candidates if c.suffix == ".gz"], f"file {filename}(.gz)")
+    raise missing(name, candidates, f"file {filename}(.gz)", f"{FOLDERS[name][0]}/", root)
 
 
 def load_idx_dataset(

@@ -4,8 +4,8 @@ The vocabulary is the sorted set of characters of the whole file (so train and v
 split is contiguous: the first ``1 - val_fraction`` of the characters are ``train``, the rest ``val``
 (contiguous rather than shuffled so that no val window overlaps a train window). Items are
 non-overlapping windows of ``seq_len`` ids; :meth:`CharText.random_batch` draws random crops for
-training. The file is looked up as ``<root>/text/tinyshakespeare.txt`` (root: argument, else
-$DIFFTOOLS_DATA, else ``../shared/data``); a missing file raises FileNotFoundError naming the paths.
+training. The file is looked up as ``<root>/text/tinyshakespeare.txt`` (root: the argument, else
+$DIFFTOOLS_DATA; docs/data.md); a missing file raises FileNotFoundError naming the paths tried.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def find_text(root=None) -> Path:
     for path in tried:
         if path.is_file():
             return path
-    raise missing("tinyshakespeare", tried, "text file (text/tinyshakespeare.txt)")
+    raise missing("tinyshakespeare", tried, "text file (text/tinyshakespeare.txt)", "text/", root)
 
 
 class CharText(torch.utils.data.Dataset):

@@ -85,8 +85,9 @@ def _require_xformers(device: torch.device):
     if xops is None:
         raise RuntimeError(
             "attention backend 'xformers' was requested but xformers cannot be imported "
-            f"({_XFORMERS_ERROR}). Install it with `pip install 'difftools[xformers]'` (offline: the "
-            "xformers wheel in ../shared/wheels), or choose backend='sdpa' or 'auto'."
+            f"({_XFORMERS_ERROR}). Install it with `pip install 'difftools[xformers]'` or `pip install "
+            "xformers` (a build matching your torch and CUDA versions; offline: `pip install <xformers "
+            "wheel file>`), or choose backend='sdpa' or 'auto'."
         )
     if device.type != "cuda":
         raise RuntimeError(

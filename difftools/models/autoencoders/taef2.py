@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from difftools.files import DATA_DOCS, data_root_setting, data_roots
 from difftools.models.autoencoders.base import Autoencoder
+
+FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
 
 
 def _conv3(n_in: int, n_out: int, **kw) -> nn.Conv2d:
@@ -95,13 +98,29 @@ def taef2_decoder(latent_channels: int = 32, ch: int = 64) -> nn.Sequential:
     )
 
 
+def taef2_dirs(path=None) -> list[Path]:
+    """Folders searched for the weights: ``path`` if given, else ``vae/`` under the data root
+    ($DIFFTOOLS_DATA; :func:`~difftools.data.base.data_roots`)."""
+    if path is not None:
+        return [Path(os.path.expanduser(str(path)))]
+    return [r / "vae" for r in data_roots()]
+
+
 def default_taef2_dir() -> Path:
-    """$DIFFTOOLS_DATA/vae, else ../shared/data/vae relative to the repository."""
-    env = os.environ.get("DIFFTOOLS_DATA")
-    if env:
-        return Path(env) / "vae"
-    # this file is <repo>/difftools/models/autoencoders/taef2.py; the data folder sits beside <repo>
-    return Path(__file__).resolve().parents[4] / "shared" / "data" / "vae"
+    """The first folder of :func:`taef2_dirs` holding both weight files, else the first one."""
+    dirs = taef2_dirs()
+    return next((d for d in dirs if all((d / f).is_file() for f in FILES)), dirs[0])
+
+
+def _weights_missing(path, dirs: list[Path]) -> FileNotFoundError:
+    tried = "\n  ".join(str(d / f) for d in dirs for f in FILES)
+    now = f"now path={path}" if path is not None else data_root_setting()
+    return FileNotFoundError(
+        f"TAEF2 weights not found. Looked for:\n  {tried}\nDownload taef2_encoder.pth and "
+        "taef2_decoder.pth from github.com/madebyollin/taesd into one folder and pass path=<folder> "
+        "(Hydra: vae.path=<folder>), or put them in <data folder>/vae/ and set DIFFTOOLS_DATA=<data "
+        f"folder> ({now}). See {DATA_DOCS} for the files and their checksums."
+    )
 
 
 class TAEF2Autoencoder(Autoencoder):
@@ -119,15 +138,11 @@ class TAEF2Autoencoder(Autoencoder):
 
     def __init__(self, path=None, scale=None, shift=None, sample=False, dtype=torch.float32, **_ignored):
         super().__init__(scale, shift, sample)
-        d = Path(os.path.expanduser(str(path))) if path is not None else default_taef2_dir()
-        enc_f, dec_f = d / "taef2_encoder.pth", d / "taef2_decoder.pth"
-        for f in (enc_f, dec_f):
-            if not f.is_file():
-                raise FileNotFoundError(
-                    f"TAEF2 weights not found: {f}. Copy taef2_encoder.pth and taef2_decoder.pth from "
-                    "github.com/madebyollin/taesd into that folder, or pass path=<folder> "
-                    "(default: $DIFFTOOLS_DATA/vae or ../shared/data/vae)."
-                )
+        dirs = taef2_dirs(path)
+        d = next((d for d in dirs if all((d / f).is_file() for f in FILES)), None)
+        if d is None:
+            raise _weights_missing(path, dirs)
+        enc_f, dec_f = (d / f for f in FILES)
         self.path = str(d)
         self.encoder = taef2_encoder(self.latent_channels)
         self.decoder = taef2_decoder(self.latent_channels)
