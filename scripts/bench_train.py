@@ -18,7 +18,9 @@ run, and the tables are rewritten after every row, so a killed run still leaves 
 2. ``--variants`` of our compiled DiT-B/2 row, side by side with ``default``, so a speed change is
    measured, not assumed (``difftools.benchmark.train_step.VARIANTS``: ``torchnorm`` = the
    residual/norm/modulation steps as plain ops fused by inductor instead of the Triton kernels;
-   ``lowp`` = bf16 residual stream; combine with ``+``);
+   ``lowp`` = bf16 residual stream; ``fp8`` / ``fp8row`` = the blocks' token GEMMs in float8 with
+   tensorwise / rowwise scales, torchao, skipped without it or below compute capability 8.9;
+   combine with ``+``);
 3. ours vs the reference, compiled, on the rest of ``--models`` (DiT-S/2, DiT-T/2: MFU by size);
 4. the variants on the other headline models (DiT-XL/2);
 5. eager rows (``--modes`` includes eager) for ``--eager-models`` (DiT-B/2);
@@ -81,6 +83,7 @@ from difftools.benchmark.train_step import (  # noqa: E402
     sync,
 )
 from difftools.nn.attention import cudnn_attention_available, xformers_available  # noqa: E402
+from difftools.nn.fp8 import Float8Unavailable, require_float8_device, require_torchao  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -130,7 +133,7 @@ def parse_args(argv=None):
             args.time_limit_s = 120.0  # a busy 2-core CPU box
         args.compile_backend = "aot_eager"  # traces like inductor (dynamo + AOTAutograd) without codegen
         args.depth = 2  # 2 blocks trace 6x faster than 12 and exercise the same code
-        args.variants, args.precompile_workers, args.precompile_s = "torchnorm,lowp,cdtune", 1, 40.0
+        args.variants, args.precompile_workers, args.precompile_s = "torchnorm,lowp,cdtune,fp8", 1, 40.0
         args.backend_rows = "math:eager"
         args.profile_steps = 1
     for name in ("models", "inputs", "modes", "impls", "backend_rows", "variants", "variant_models",
@@ -139,6 +142,18 @@ def parse_args(argv=None):
     for v in args.variants:
         resolve_variant(v)  # fail early on a typo
     return args
+
+
+def fp8_problem(device: torch.device) -> str | None:
+    """Why the fp8 variants cannot run here (torchao missing, a GPU without fp8 tensor cores), or None.
+    On the CPU (smoke runs) they run through torch's CPU ``_scaled_mm``: the code path, not a speed."""
+    try:
+        require_torchao()
+        if device.type == "cuda":
+            require_float8_device(device, "the fp8 variants")
+    except Float8Unavailable as err:
+        return str(err)
+    return None
 
 
 def step_config(args) -> StepConfig:
@@ -211,6 +226,11 @@ def main(argv=None) -> list[Row]:
         import xformers  # optional: only where it is installed
 
         meta["xformers"] = xformers.__version__
+    no_fp8 = fp8_problem(device) if any(resolve_variant(v).fp8 for v in args.variants) else None
+    if no_fp8 is None and any(resolve_variant(v).fp8 for v in args.variants):
+        import torchao  # the fp8 extra: only where it is installed
+
+        meta["torchao"] = torchao.__version__
 
     def skip_reason(c: Combo) -> str | None:
         if c.backend in ("xformers", "cudnn") and device.type != "cuda":
@@ -219,6 +239,8 @@ def main(argv=None) -> list[Row]:
             return "xformers not importable"
         if c.backend == "cudnn" and not cudnn_attention_available():
             return "cuDNN attention not available"
+        if no_fp8 is not None and resolve_variant(c.variant).fp8:
+            return no_fp8
         if args.compile_backend != "inductor" and any(n in NEEDS_INDUCTOR for n in c.variant.split("+")):
             return f"needs the inductor backend (this run: {args.compile_backend})"
         return None

@@ -88,3 +88,68 @@ def test_docs_blocks_are_replaced_between_their_markers(tmp_path):
         report.main(["--sampling", str(out), "--docs", str(docs)])
     with pytest.raises(FileNotFoundError, match="bench_trainer.json not found"):
         report.main(["--trainer", str(out)])
+
+
+# ------------------------------------------------------------------ the float8 decision (benchmarks.md 6)
+def _curve(run_dir: Path, losses: dict[int, float], extra: list[dict] = ()) -> Path:
+    run_dir.mkdir(parents=True)
+    records = [{"step": k, "loss": v, "img_per_s": 700.0} for k, v in sorted(losses.items())] + list(extra)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def _decaying(offset: float, last: int = 2000) -> dict[int, float]:
+    return {k: 0.3 + 0.5 / (1 + k / 200) + offset for k in range(50, last + 1, 50)}
+
+
+def test_fp8_rule_ships_only_when_faster_and_within_the_seed_spread():
+    from difftools.benchmark.fp8_verdict import decide
+
+    a, b = _decaying(0.0), _decaying(0.004)  # seed gap 0.004
+    ok = decide(a, b, _decaying(0.001), speedup=1.2)
+    assert ok.ship and ok.faster and ok.within_spread and ok.reasons == []
+    assert ok.steps[0] == 500 and ok.steps[-1] == 2000 and len(ok.steps) == 31
+    assert abs(ok.seed_gap - 0.004) < 1e-12 and abs(ok.fp8_gap - 0.001) < 1e-12
+    wide = decide(a, b, _decaying(0.006), speedup=1.2)  # above both seeds everywhere
+    assert not wide.ship and wide.faster and not wide.within_spread
+    assert any("fp8 gap 0.00600 > seed gap 0.00400" in r for r in wide.reasons)
+    assert any("above both bf16 seeds'" in r for r in wide.reasons)
+    late = dict(_decaying(-0.003))
+    late[2000] = a[2000] + 0.005  # close on average, worse than both seeds at the end
+    assert not decide(a, b, late, speedup=1.2).ship
+    slow = decide(a, b, _decaying(0.001), speedup=1.02)
+    assert not slow.ship and slow.within_spread and slow.reasons == ["fp8 speed-up 1.020x < 1.03x"]
+    assert decide(a, b, _decaying(0.001), speedup=None).reasons == ["fp8 step not timed on DiT-L/2"]
+    short = decide(a, b, _decaying(0.001, last=1000), speedup=1.2)
+    assert not short.ship and short.reasons == [
+        "inconclusive: the three runs share logged steps only up to 1000 (need >= 1500)"]
+
+
+def test_fp8_verdict_script_reads_the_runs_and_the_bench(tmp_path, capsys):
+    from difftools.benchmark.fp8_verdict import read_losses
+
+    a = _curve(tmp_path / "bf16_s0", _decaying(0.0), extra=[{"step": 2000, "eval/fd": 3.0}])
+    b = _curve(tmp_path / "bf16_s1", _decaying(0.004))
+    # a step logged twice (a resumed run): the later record counts
+    f = _curve(tmp_path / "fp8_s0", _decaying(0.002), extra=[{"step": 2000, "loss": 0.5}])
+    assert read_losses(f)[2000] == 0.5 and len(read_losses(a)) == 40
+    with pytest.raises(FileNotFoundError, match="nowhere/metrics.jsonl does not exist"):
+        read_losses(tmp_path / "nowhere")
+    bench = tmp_path / "bench_train.json"
+    bench.write_text(json.dumps({"meta": {}, "rows": [
+        row("difftools", "DiT-L/2", 200.0), row("difftools", "DiT-L/2", 160.0, variant="fp8"),
+        row("difftools", "DiT-L/2", 190.0, variant="fp8row"), row("difftools", "DiT-XL/2", 300.0),
+        row("difftools", "DiT-XL/2", None, variant="fp8", status="not run")]}))
+    spec = importlib.util.spec_from_file_location("fp8_verdict_script", REPO / "scripts" / "fp8_verdict.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out_json = tmp_path / "verdict.json"
+    assert script.main(["--bench", str(bench), "--bf16", str(a), str(b), "--fp8", str(f),
+                        "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "DiT-L/2 fp8: 1.250x the default step" in printed and "DiT-L/2 fp8row: 1.053x" in printed
+    assert "DiT-XL/2 fp8" not in printed  # its fp8 row was not timed
+    # fp8's last window (0.5) is above both seeds: not within the spread, however fast
+    assert "verdict: DO NOT SHIP (remove trainer.fp8)" in printed
+    saved = json.loads(out_json.read_text())
+    assert saved["speedup"] == 1.25 and saved["ship"] is False and saved["speedups"]["fp8row"]["DiT-L/2"] > 1

@@ -112,8 +112,9 @@ def main(cfg: DictConfig) -> float:
     from accelerate.utils import broadcast_object_list
 
     from difftools.config import ConfigError
+    from difftools.nn.fp8 import Float8Unavailable
     from difftools.training import Trainer
-    from difftools.training.trainer import make_accelerator
+    from difftools.training.trainer import check_fp8, make_accelerator
 
     try:
         tcfg = check_config(cfg)
@@ -121,6 +122,11 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     accelerator = make_accelerator(tcfg)
+    try:  # trainer.fp8 without torchao or on a GPU without fp8 tensor cores: say so before building
+        check_fp8(tcfg, accelerator.device)
+    except Float8Unavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     # every rank must write to rank 0's run directory (Hydra's timestamp may differ by a second)
     out_dir = broadcast_object_list([HydraConfig.get().runtime.output_dir])[0]
     dataset, objective = build_objective(cfg)

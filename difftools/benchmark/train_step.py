@@ -32,6 +32,7 @@ from difftools.benchmark.profiling import profile_steps as profile_steps_of
 from difftools.benchmark.profiling import sync
 from difftools.losses import DenoisingLoss
 from difftools.models.dit import DiT, parse_preset
+from difftools.nn.fp8 import float8_token_gemms
 from difftools.process import Flow
 from difftools.training.ema import EMA
 
@@ -50,6 +51,7 @@ class Variant:
     inductor: dict = field(default_factory=dict)  # torch._inductor.config overrides
     fullstep: bool = False  # compile noise sampling + model + loss as one graph, not only the model
     optcompile: bool = False  # torch.compile(opt.step) on foreach AdamW instead of fused AdamW
+    fp8: str | None = None  # float8 recipe of the blocks' token GEMMs (difftools.nn.fp8; trainer.fp8)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -76,6 +78,10 @@ VARIANTS: dict[str, Variant] = {
                         fullstep=True),
     "optcompile": Variant("torch.compile(opt.step) on foreach AdamW instead of the fused AdamW kernel",
                           optcompile=True),
+    "fp8": Variant("torchao float8 training of the blocks' token GEMMs (attn.qkv/proj, mlp.fc1/fc2), "
+                   "tensorwise scales (trainer.fp8=tensorwise)", fp8="tensorwise"),
+    "fp8row": Variant("torchao float8 training of the blocks' token GEMMs, rowwise scales "
+                      "(trainer.fp8=rowwise)", fp8="rowwise"),
 }
 NEEDS_INDUCTOR = ("cdtune", "autotune", "cudagraphs")
 
@@ -90,6 +96,9 @@ def resolve_variant(spec: str) -> Variant:
     modes = {p.compile_mode for p in parts if p.compile_mode}
     if len(modes) > 1:
         raise ValueError(f"variant {spec!r} asks for two compile modes: {sorted(modes)}")
+    recipes = {p.fp8 for p in parts if p.fp8}
+    if len(recipes) > 1:
+        raise ValueError(f"variant {spec!r} asks for two float8 recipes: {sorted(recipes)}")
     merged = Variant(" + ".join(p.about for p in parts))
     return replace(
         merged,
@@ -98,6 +107,7 @@ def resolve_variant(spec: str) -> Variant:
         inductor={k: v for p in parts for k, v in p.inductor.items()},
         fullstep=any(p.fullstep for p in parts),
         optcompile=any(p.optcompile for p in parts),
+        fp8=next(iter(recipes), None),
     )
 
 
@@ -185,7 +195,9 @@ def build_step(combo: Combo, cfg: StepConfig, device, loss_fn, reference):
                  num_heads=heads, num_classes=10)
     if combo.impl == "difftools":
         model = DiT(**sizes, attn_backend=combo.backend, **variant.model_kw).to(device)
-        flops = model.flops_per_image()
+        flops = model.flops_per_image()  # fp8 rows: the same FLOPs, so MFU stays the bf16-peak fraction
+        if variant.fp8:
+            float8_token_gemms(model, variant.fp8)  # before compile, as the trainer does
     else:
         ref_models, create_diffusion = reference
         # their DiT class with the preset's sizes (their DiT_models table lacks our DiT-T)

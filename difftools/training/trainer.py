@@ -54,6 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 from difftools import checkpoint as ckpt_io
 from difftools.config import from_mapping
 from difftools.device import keep_nvlink_multicast_off, lone_cpu_launch
+from difftools.nn.fp8 import RECIPES as FP8_RECIPES
+from difftools.nn.fp8 import float8_token_gemms, require_float8_device, require_torchao
 from difftools.training.device_data import DATA_ON_DEVICE, DeviceBatches, use_device_data
 from difftools.training.ema import EMA
 from difftools.training.graphed import GraphedStep, make_capturable, make_uncapturable
@@ -142,6 +144,10 @@ class TrainerConfig:
     progress: bool = True           #: tqdm bar on the main process
     tensorboard: bool = True
     compile: bool = False           #: torch.compile the model (CUDA)
+    fp8: str | None = None          #: null | tensorwise | rowwise: the token GEMMs of every transformer
+    #:                                 block (attn.qkv/proj, mlp.fc1/fc2) in float8 (torchao, the fp8
+    #:                                 extra; CUDA compute capability >= 8.9; difftools.nn.fp8). Weights,
+    #:                                 checkpoints and previews stay as without it
     tf32: bool = True               #: TF32 matmuls on CUDA
     cpu_threads: int | None = None  #: torch.set_num_threads on CPU (None = torch's default)
     peak_tflops: float = 790.0      #: MFU denominator (H100 dense bf16 as measured)
@@ -154,7 +160,7 @@ class TrainerConfig:
         and expected type, raised before anything is built."""
         choices = {"lr_decay": ("constant", "cosine", "linear"), "optimizer": ("adamw", "sgd"),
                    "mixed_precision": ("auto", "bf16", "no"), "device": ("auto", "cpu"),
-                   "data_on_device": DATA_ON_DEVICE,
+                   "data_on_device": DATA_ON_DEVICE, "fp8": (None, *FP8_RECIPES),
                    "sample_solver": tuple(SOLVERS)}
         return from_mapping(cls, d, node="trainer", choices=choices)
 
@@ -191,6 +197,20 @@ def make_accelerator(cfg: TrainerConfig):
     if cpu and acc.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         _fsdp_on_cpu(acc)
     return acc
+
+
+def check_fp8(cfg: TrainerConfig, device: torch.device) -> None:
+    """``trainer.fp8``'s requirements when it is set: a known recipe (ValueError naming the choices),
+    torchao and a GPU with float8 tensor cores (:class:`~difftools.nn.fp8.Float8Unavailable` saying
+    which is missing). ``train/dit.py`` calls it before building anything; :class:`Trainer` again."""
+    if cfg.fp8 is None:
+        return
+    setting = f"trainer.fp8={cfg.fp8!r}"
+    if cfg.fp8 not in FP8_RECIPES:
+        raise ValueError(f"{setting} is not a float8 recipe; choose one of {', '.join(FP8_RECIPES)} "
+                         "or null (off)")
+    require_torchao()
+    require_float8_device(device, setting)
 
 
 def _fsdp_on_cpu(acc) -> None:
@@ -257,6 +277,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.acc = accelerator or make_accelerator(config)
         self.device = self.acc.device
+        check_fp8(config, self.device)  # before anything is built or written
         if self.device.type == "cuda" and config.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -297,9 +318,15 @@ class Trainer:
         noise_rank = 0 if self.objective.global_batch_noise else self.acc.process_index
         self.generator = torch.Generator(device=self.device).manual_seed(10_007 * (cfg.seed + 1) + noise_rank)
         check_model_not_shared(self.objective)
+        if cfg.fp8 is not None:
+            self._convert_fp8()
         if cfg.compile:
             self.model.compile()
+            if self._ema_model is not None:
+                self._ema_model.compile()
         self.objective.to(self.device)
+        if self._ema_model is not None:
+            self._ema_model.to(self.device)
         frozen = frozen_parameter_names(self.objective)
         if frozen and self.acc.num_processes > 1:  # frozen helpers: no gradient or buffer sync
             from torch.nn.parallel import DistributedDataParallel
@@ -313,8 +340,10 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         if self._fsdp():
             # FSDP shards self.model in place: previews and evaluations sample an unsharded copy (one full
-            # model per process: FSDP is for runs whose training state, not weights, outgrows a GPU)
-            self._ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            # model per process: FSDP is for runs whose training state, not weights, outgrows a GPU);
+            # with trainer.fp8 that copy exists already (made before the conversion)
+            if self._ema_model is None:
+                self._ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if self.acc.mixed_precision == "bf16":
                 from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -358,6 +387,16 @@ class Trainer:
                      cfg.batch_size // self.acc.num_processes,
                      f", {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else "",
                      self.acc.mixed_precision, self.device, self._data_parallel())
+
+    def _convert_fp8(self) -> None:
+        """trainer.fp8: the token GEMMs of the model's blocks in float8, before compile. Previews and
+        evaluations sample a copy made before the conversion: fp8 is how the training matmuls run, not
+        part of the model (same parameters, same state dict; checkpoints load as the plain model)."""
+        self._ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        names = float8_token_gemms(self.model, self.cfg.fp8)
+        if self.is_main:
+            log.info("trainer.fp8=%s: %d token GEMMs in float8 (%s ... %s); every other layer as configured",
+                     self.cfg.fp8, len(names), names[0], names[-1])
 
     def _fsdp(self) -> bool:
         """Whether the objective is sharded with FSDP (accelerate's plugin; FSDP2 only)."""
