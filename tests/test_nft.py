@@ -851,6 +851,7 @@ def test_gpu_experiment_script_smoke(tiny_setup, judge_setup, tmp_path):
     written, expected = Stats.load(ref_out), Stats.load(reference)  # the digits train split, judge features
     assert written.n == expected.n == len(build_dataset("digits", split="train"))
     assert torch.allclose(torch.as_tensor(written.mu), torch.as_tensor(expected.mu))
+    assert written.feats is None and expected.feats is not None  # mean and covariance only: small to carry
     doc = script.main(["run", "--smoke", "--base", str(base), "--reward-clf", str(clf), "--judge-clf",
                        str(judge),
                        "--reference", str(ref_out), "--out", str(tmp_path / "exp")])
