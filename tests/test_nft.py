@@ -892,8 +892,8 @@ def test_gpu_experiment_script_saves_as_it_goes(tiny_setup, judge_setup, tmp_pat
 
     monkeypatch.setattr(recipe, "run_nft", run_nft_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        script.main(["run", "--smoke", "--base", str(base), "--reward-clf", str(clf), "--judge-clf", str(judge),
-                     "--reference", str(reference), "--out", str(tmp_path / "exp")])
+        script.main(["run", "--smoke", "--base", str(base), "--reward-clf", str(clf), "--judge-clf",
+                     str(judge), "--reference", str(reference), "--out", str(tmp_path / "exp")])
     saved = json.loads((tmp_path / "exp" / "nft_gpu.json").read_text())
     assert saved["complete"] is False
     assert [b["cfg_scale"] for b in saved["baseline"]["record_n"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
