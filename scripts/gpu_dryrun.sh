@@ -42,8 +42,37 @@ done
 if [ -f "$base/tree/.gpu/setup.sh" ]; then
     sed -i "s#/tmp/site#$base/site#g" "$base/tree/.gpu/setup.sh"
 fi
+# Packages this interpreter has but the GPU image lacks (its package list: /work/.library/device/KINDS.md;
+# the difference to the project's .venv as of 2026-12): importing one fails here as there, unless a
+# carried wheel installed it into the rehearsal's site folder.
+mkdir -p "$base/absent"
+cat > "$base/absent/sitecustomize.py" <<PY
+import importlib.abc, importlib.machinery, importlib.util, sys
+ABSENT = set("${DRYRUN_ABSENT:-diffusers hydra omegaconf antlr4 cleanfid importlib_metadata xformers torchao pydantic kernels tomlkit truststore tzdata}".split())
+SITE = "$base/site"
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] not in ABSENT or "." in name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [SITE])
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU image; carry its wheel)",
+                                      name=name)
+        return spec
+sys.meta_path.insert(0, Absent())
+_find_spec = importlib.util.find_spec
+def find_spec(name, package=None):  # optional-package probes see None, as for a package not installed
+    try:
+        return _find_spec(name, package)
+    except ModuleNotFoundError as err:
+        if "absent on the GPU image" in str(err):
+            return None
+        raise
+importlib.util.find_spec = find_spec
+PY
 # a wrapper, not a link: a virtual environment's python finds its packages only when called by its path
-printf '#!/bin/sh\nexec %s "$@"\n' "${DRYRUN_PYTHON:-/work/main/.venv/bin/python}" > "$base/bin/python3"
+printf '#!/bin/sh\nPYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}%s" exec %s "$@"\n' "$base/absent" \
+    "${DRYRUN_PYTHON:-/work/main/.venv/bin/python}" > "$base/bin/python3"
 chmod +x "$base/bin/python3"
 
 tree_mib=$(du -sm "$base/tree" | cut -f1)

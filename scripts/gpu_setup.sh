@@ -1,7 +1,8 @@
 # Sourced at the start of every command on the GPU box (`source .gpu/setup.sh`; scripts/gpu_prepare.sh
-# copies it there): installs the carried wheels and sets the paths the recipes read.
+# copies it there): installs the carried wheels (whichever of .gpu/wheels_core, wheels_diffusers and
+# wheels_x the call carries) and sets the paths the recipes read.
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-    $(ls .gpu/wheels_core/*.whl .gpu/wheels_x/*.whl 2>/dev/null)
+    $(ls .gpu/wheels_*/*.whl 2>/dev/null)
 export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 DIFFTOOLS_DATA=$PWD/.gpu/data DIFFTOOLS_CACHE=$PWD/.gpu/cache HF_HUB_OFFLINE=1
 export TQDM_MININTERVAL=20
