@@ -13,3 +13,7 @@ TRAIN_ARGS="model=dit_s2 data=cifar10 process=flow trainer=gpu trainer.batch_siz
 trainer.warmup_steps=500 trainer.ema_decay=0.999 trainer.log_every=250 trainer.ckpt_every=2500 \
 trainer.sample_every=2500 trainer.sample_steps=20 trainer.progress=false eval.enabled=false \
 hydra.run.dir=$RUN trainer.compile=true"
+# Seconds left until second $1 of this command, at least 10 (`timeout 0` would mean no limit at all):
+# `timeout $(left 560) python3 ...` stops a step in time for the packing of $OUT after it, however long
+# the steps before it took (docs/gpu_runbook.md).
+left() { local s=$(( $1 - SECONDS )); echo $(( s > 10 ? s : 10 )); }
