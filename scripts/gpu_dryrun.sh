@@ -43,12 +43,12 @@ if [ -f "$base/tree/.gpu/setup.sh" ]; then
     sed -i "s#/tmp/site#$base/site#g" "$base/tree/.gpu/setup.sh"
 fi
 # Packages this interpreter has but the GPU image lacks (its package list: /work/.library/device/KINDS.md;
-# the difference to the project's .venv as of 2026-12): importing one fails here as there, unless a
-# carried wheel installed it into the rehearsal's site folder.
+# those of the difference to the project's .venv that the project imports): importing one fails here as
+# there, unless a carried wheel installed it into the rehearsal's site folder.
 mkdir -p "$base/absent"
 cat > "$base/absent/sitecustomize.py" <<PY
 import importlib.abc, importlib.machinery, importlib.util, sys
-ABSENT = set("${DRYRUN_ABSENT:-diffusers hydra omegaconf antlr4 cleanfid importlib_metadata xformers torchao pydantic kernels tomlkit truststore tzdata}".split())
+ABSENT = set("${DRYRUN_ABSENT:-diffusers hydra omegaconf antlr4 cleanfid importlib_metadata xformers torchao}".split())
 SITE = "$base/site"
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
