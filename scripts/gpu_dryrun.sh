@@ -14,8 +14,8 @@
 # Checked and printed: the size of what would travel (limit 64 MiB), the carry's sizes, the wall time,
 # and whether $OUT's files would come back (at most 8 files, 16 MiB each and 64 MiB together, no
 # deeper than $OUT/a/b/file, names of letters, digits, '.', '_' and '-').
-# The copied .gpu/setup.sh installs its wheels into the rehearsal's own folder instead of /tmp/site,
-# so rehearsals running side by side do not share one. Exit status: the command's.
+# .gpu/setup.sh installs the wheels into the rehearsal's own folder (GPU_SITE) instead of /tmp/site, so
+# rehearsals running side by side do not share one. Exit status: the command's.
 set -uo pipefail
 if [ $# -ne 3 ]; then
     sed -n '2,5p' "$0" >&2
@@ -39,9 +39,6 @@ for p in $carry; do
     mkdir -p "$base/tree/$(dirname "$p")"
     cp -rL "$p" "$base/tree/$p"
 done
-if [ -f "$base/tree/.gpu/setup.sh" ]; then
-    sed -i "s#/tmp/site#$base/site#g" "$base/tree/.gpu/setup.sh"
-fi
 # Packages this interpreter has but the GPU image lacks (its package list: /work/.library/device/KINDS.md;
 # those of the difference to the project's .venv that the project imports): importing one fails here as
 # there, unless a carried wheel installed it into the rehearsal's site folder.
@@ -84,7 +81,7 @@ if [ "$tree_mib" -ge 64 ]; then
 fi
 
 start=$(date +%s)
-(cd "$base/tree" && env -u PYTHONPATH OUT="$base/out" PATH="$base/bin:$PATH" bash -c "$command")
+(cd "$base/tree" && env -u PYTHONPATH OUT="$base/out" GPU_SITE="$base/site" PATH="$base/bin:$PATH" bash -c "$command")
 rc=$?
 echo "dryrun $name: exit $rc after $(( $(date +%s) - start )) s"
 

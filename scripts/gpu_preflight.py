@@ -7,7 +7,9 @@
   and so are the packages the project imports only inside functions (Hydra, OmegaConf, clean-fid,
   matplotlib, TensorBoard, ...): a missing one is named with what supplies it;
 * every ``--paths`` entry exists (the call's carry arrived where the command reads it);
-* ``--cuda``: a CUDA device is visible.
+* ``--cuda``: a CUDA device is visible;
+* ``.gpu/setup.sh``, when there, is ``scripts/gpu_setup.sh`` as committed (a stale copy lacks what the
+  runbook's commands use, e.g. ``left``).
 
 Prints one line per check (torch version and the device first) and exits 1 listing every problem, 0
 when there is none. Costs a few seconds (the imports); docs/gpu_runbook.md starts each call with it.
@@ -66,6 +68,11 @@ def check(scripts: list[Path], paths: list[Path], cuda: bool) -> list[str]:
     for path in paths:
         if not path.exists():
             problems.append(f"path {path}: not found (is it in the call's carry list?)")
+    setup, committed = Path(".gpu/setup.sh"), REPO / "scripts" / "gpu_setup.sh"
+    if setup.is_file() and setup.read_bytes() != committed.read_bytes():
+        problems.append(f"{setup} differs from {committed.relative_to(REPO)}: run `bash "
+                        "scripts/gpu_prepare.sh` where the calls are sent from (it copies it), then send "
+                        "the call again")
     import torch
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"

@@ -1,9 +1,11 @@
 # Sourced at the start of every command on the GPU box (`source .gpu/setup.sh`; scripts/gpu_prepare.sh
 # copies it there): installs the carried wheels (whichever of .gpu/wheels_core, wheels_diffusers and
 # wheels_x the call carries) and sets the paths the recipes read.
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+# (GPU_SITE: where they go; scripts/gpu_dryrun.sh gives each CPU rehearsal its own)
+GPU_SITE=${GPU_SITE:-/tmp/site}
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$GPU_SITE" \
     $(ls .gpu/wheels_*/*.whl 2>/dev/null)
-export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
+export PYTHONPATH=$GPU_SITE:$PWD LD_LIBRARY_PATH=$GPU_SITE/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 DIFFTOOLS_DATA=$PWD/.gpu/data DIFFTOOLS_CACHE=$PWD/.gpu/cache HF_HUB_OFFLINE=1
 export TQDM_MININTERVAL=20
 mkdir -p .gpu/cache
