@@ -37,7 +37,7 @@ for p in $carry; do
         exit 2
     fi
     mkdir -p "$base/tree/$(dirname "$p")"
-    cp -rL "$p" "$base/tree/$p"
+    cp -rL "$p" "$base/tree/$(dirname "$p")/"  # into its folder: merges with a carry path inside it
 done
 # Packages this interpreter has but the GPU image lacks (its package list: /work/.library/device/KINDS.md;
 # those of the difference to the project's .venv that the project imports): importing one fails here as
