@@ -15,10 +15,11 @@
 # and whether $OUT's files would come back (at most 8 files, 16 MiB each and 64 MiB together, no
 # deeper than $OUT/a/b/file, names of letters, digits, '.', '_' and '-').
 # .gpu/setup.sh installs the wheels into the rehearsal's own folder (GPU_SITE) instead of /tmp/site, so
-# rehearsals running side by side do not share one. Exit status: the command's.
+# rehearsals running side by side do not share one; DRYRUN_ABSENT overrides the list of packages made
+# unimportable; DRYRUN_DIR the folder of the rehearsals. Exit status: the command's (2: refused here).
 set -uo pipefail
 if [ $# -ne 3 ]; then
-    sed -n '2,5p' "$0" >&2
+    sed -n '2,6p' "$0" >&2
     exit 2
 fi
 name=$1
