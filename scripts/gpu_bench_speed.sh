@@ -7,6 +7,8 @@
 # Each part has its own time bound and writes its results as it goes, so a part that fails or runs
 # out of time costs only itself. Everything lands under $OUT; the tables are printed last.
 # Needs (carry): .gpu/models/cifar10_dit_t2_flow and .gpu/data/cifar10/cifar10_jpeg_test.npz.
+# BENCH_TRAINER_ARGS / BENCH_SAMPLING_ARGS are appended to the two benchmarks' arguments (a CPU rehearsal
+# with scripts/gpu_dryrun.sh shrinks them there; docs/gpu_runbook.md).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_speed}
@@ -20,11 +22,11 @@ timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_fused.py
 echo "cuda tests: exit $?; $(tail -1 "$OUT/cuda_tests.txt")"
 
 timeout 190 python3 scripts/bench_trainer.py --steps 300 --time-limit-s 175 --out "$OUT/bench_trainer" \
-    > "$OUT/bench_trainer.log" 2>&1
+    ${BENCH_TRAINER_ARGS:-} > "$OUT/bench_trainer.log" 2>&1
 echo "bench_trainer: exit $?"
 
 timeout 200 python3 scripts/bench_sampling.py --ckpt .gpu/models/cifar10_dit_t2_flow --time-limit-s 185 \
-    --out "$OUT/bench_sampling" > "$OUT/bench_sampling.log" 2>&1
+    --out "$OUT/bench_sampling" ${BENCH_SAMPLING_ARGS:-} > "$OUT/bench_sampling.log" 2>&1
 echo "bench_sampling: exit $?"
 
 for f in "$OUT/bench_trainer/bench_trainer.md" "$OUT/bench_sampling/bench_sampling.md"; do

@@ -43,6 +43,7 @@ from difftools.metrics.evaluate import build_features
 from difftools.metrics.features import ClassifierFeatures, PixelFeatures
 from difftools.metrics.stats import compute_stats
 from difftools.testing import smoke_run
+from samplers.atomic import write_text_atomic
 
 METHODS = (("cfg", {}), ("apg", {}), ("cfg_zero_star", {}))
 
@@ -72,7 +73,8 @@ def run(args) -> dict:
     loaded = smoke_run("vp", device=device) if args.smoke else difftools.load(args.ckpt, device=device)
     dataset, size, root = loaded.reference_dataset()
     n = args.n
-    data = data_images(build_dataset(dataset, root=root, split="train", image_size=size), n, seed=args.seed)
+    data = data_images(build_dataset(dataset, root=root, split=args.data_split, image_size=size), n,
+                       seed=args.seed)
     if args.smoke and not args.features:
         extractor = PixelFeatures(channels=data.shape[1])
     else:
@@ -85,6 +87,10 @@ def run(args) -> dict:
         return generate_uint8(loaded, range(n), spec, args.batch, device)
 
     rows, grids = [], {}
+    out = Path(args.out)
+    protocol = {"solver": args.solver, "n": n, "seed": args.seed, "device": str(device),
+                "ckpt": args.ckpt, "features": extractor.metric, "data_split": args.data_split,
+                "data_stats": saturation_stats(uint8_to_float(data)), "seconds": 0.0, "smoke": args.smoke}
 
     def score(name, w, steps, drawn, extra=""):
         images, labels, nfe = drawn
@@ -95,6 +101,8 @@ def run(args) -> dict:
                "class_acc": acc, **saturation_stats(uint8_to_float(images))}
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        protocol["seconds"] = round(time.time() - t0, 1)
+        write_tables(out, rows, protocol, extractor.metric)  # every row, so a stopped run keeps its rows
         return images
 
     t0 = time.time()
@@ -116,17 +124,17 @@ def run(args) -> dict:
         score("cfg", 3.0, half, draw(half, "cfg", 3.0, lml=lml), extra)
     elapsed = time.time() - t0
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_grid(grids, args.scales, out / "grids.png")
-    protocol = {"solver": args.solver, "n": n, "seed": args.seed, "device": str(device),
-                "ckpt": args.ckpt, "features": extractor.metric,
-                "data_stats": saturation_stats(uint8_to_float(data)),
-                "seconds": round(elapsed, 1), "smoke": args.smoke}
-    (out / "guidance.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
-    (out / "guidance.md").write_text(markdown(rows, protocol, extractor.metric))
+    protocol["seconds"] = round(elapsed, 1)
+    write_tables(out, rows, protocol, extractor.metric)
     print(f"wrote {out}/guidance.md, guidance.json, grids.png in {elapsed:.1f} s")
     return {"protocol": protocol, "rows": rows}
+
+
+def write_tables(out: Path, rows: list[dict], protocol: dict, fd_name: str) -> None:
+    """``guidance.json`` and ``guidance.md`` of the rows so far (atomic writes)."""
+    write_text_atomic(out / "guidance.json", json.dumps({"protocol": protocol, "rows": rows}, indent=1))
+    write_text_atomic(out / "guidance.md", markdown(rows, protocol, fd_name))
 
 
 def write_grid(grids: dict, scales, path: Path) -> None:
@@ -145,9 +153,9 @@ def markdown(rows, protocol, fd_name) -> str:
     head = (f"# Guidance sweep\n\nsolver {protocol['solver']}, n = {protocol['n']} per row, "
             f"seed {protocol['seed']}, device {protocol['device']}, checkpoint {protocol['ckpt']}, "
             f"{protocol['seconds']} s.\n"
-            f"Data: saturation {ds['saturation']:.4f}, pixel mean {ds['pixel_mean']:.4f}, "
-            f"pixel std {ds['pixel_std']:.4f}. Grid: grids.png (rows w = scales, "
-            "blocks CFG | APG | CFG-Zero*).\n\n")
+            f"Data ({protocol.get('data_split', 'train')} split): saturation {ds['saturation']:.4f}, "
+            f"pixel mean {ds['pixel_mean']:.4f}, pixel std {ds['pixel_std']:.4f}. "
+            "Grid: grids.png (rows w = scales, blocks CFG | APG | CFG-Zero*).\n\n")
     cols = ["method", "w", "steps", "nfe", fd_name, "class_acc", "saturation", "pixel_mean", "pixel_std",
             "extra"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -163,6 +171,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny untrained model on CPU, < 1 minute")
     p.add_argument("--features", help="metric classifier checkpoint (default: the cached one of the dataset)")
+    p.add_argument("--data-split", default="train",
+                   help="split of the real images the samples are scored against (test: CIFAR-10's 9 MB "
+                        "test split travels to a GPU beside the model, the 46 MB train split does not)")
     p.add_argument("--n", type=int, default=None, help="samples per row (default 2000; smoke 16)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--solver", default="dpmpp_2m")

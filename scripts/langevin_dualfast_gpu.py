@@ -19,7 +19,8 @@ Scores: ``fd_<features>`` (Fréchet distance in the given feature space, n besid
 features are Inception) against ``--reference`` (a statistics .npz of ``difftools.metrics.fid.Stats``,
 e.g. the train split precomputed where the data lives) and the class accuracy for a classifier feature
 space. Per-image seeds ``[--seed, i]``: use a seed other than the ones a schedule or default was chosen
-on (held-out). Writes ``langevin_dualfast.json`` and ``langevin_dualfast.md`` to ``--out``.
+on (held-out). Writes ``langevin_dualfast.json`` and ``langevin_dualfast.md`` to ``--out`` after every row
+(``protocol.rows_planned`` says how many are to come), so a run stopped by a time limit keeps what it did.
 
     python scripts/langevin_dualfast_gpu.py --ckpt <CIFAR-10 flow DiT checkpoint dir> \\
         --features CLASSIFIER_DIR --reference cifar10_train_stats.npz --n 10000 --seed 1 --out $OUT/ld
@@ -42,6 +43,7 @@ from difftools.metrics.evaluate import score  # noqa: E402
 from difftools.metrics.features import FeatureExtractor  # noqa: E402
 from difftools.metrics.fid import Stats, compute_stats, float_to_uint8  # noqa: E402
 from difftools.metrics.generate import SampleSpec, batches, generate  # noqa: E402
+from samplers.atomic import write_text_atomic  # noqa: E402
 from samplers.langevin import LangevinCorrector, LMLCorrector  # noqa: E402
 from samplers.schedules import get_times  # noqa: E402
 
@@ -159,6 +161,11 @@ def run(args) -> dict:
     if "dualfast" in args.parts:
         configs += dualfast_configs(args.solvers, args.df_nfes)
     rows, t_all = [], time.time()
+    protocol = dict(checkpoint=args.ckpt or "smoke", features=extractor.key(), reference=str(args.reference),
+                    reference_n=ref.n, n=args.n, seed=args.seed, schedule=SCHEDULE, precision=args.precision,
+                    device=str(device), nfe_note="nfe = network evaluations per image, incl. the final "
+                    "denoising evaluation every row makes", seconds=0.0, rows_planned=len(configs),
+                    command=" ".join(sys.argv))
     for cfg in configs:
         spec = SampleSpec(sampler=cfg["solver"], steps=cfg["steps"], schedule=SCHEDULE, seed=args.seed,
                           sampler_opts=cfg["opts"], precision=args.precision).validate()
@@ -171,17 +178,19 @@ def run(args) -> dict:
                    hooks=[repr(h) for h in cfg["opts"].get("hooks", [])])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    protocol = dict(checkpoint=args.ckpt or "smoke", features=extractor.key(), reference=str(args.reference),
-                    reference_n=ref.n, n=args.n, seed=args.seed, schedule=SCHEDULE, precision=args.precision,
-                    device=str(device), nfe_note="nfe = network evaluations per image, incl. the final "
-                    "denoising evaluation every row makes", seconds=round(time.time() - t_all, 1),
-                    command=" ".join(sys.argv))
+        protocol["seconds"] = round(time.time() - t_all, 1)
+        # after every row, so that a command stopped by its time limit keeps the rows it finished
+        write_results(args.out, rows, protocol)
+    out = write_results(args.out, rows, protocol)
+    print(markdown(rows, protocol))
+    return out
+
+
+def write_results(out_dir: Path, rows: list[dict], protocol: dict) -> dict:
+    """``langevin_dualfast.json`` and ``.md`` of the rows so far (atomic: a reader never sees half a file)."""
     out = {"protocol": protocol, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "langevin_dualfast.json").write_text(json.dumps(out, indent=1))
-    md = markdown(rows, protocol)
-    (args.out / "langevin_dualfast.md").write_text(md)
-    print(md)
+    write_text_atomic(out_dir / "langevin_dualfast.json", json.dumps(out, indent=1))
+    write_text_atomic(out_dir / "langevin_dualfast.md", markdown(rows, protocol))
     return out
 
 

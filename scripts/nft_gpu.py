@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from samplers.atomic import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 CFG_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
 #: per-run settings of the GPU sweep (override with --set): 320 samples per iteration (10 labels x 32) in two
@@ -168,7 +170,6 @@ def record_eval(ev, path: Path, device: str) -> dict:
 
 # ------------------------------------------------------------------ the experiment
 def run(args) -> dict:
-    from difftools.rl.evaluation import beyond_frontier
     from difftools.rl.recipe import run_nft
 
     t_start = time.perf_counter()
@@ -185,6 +186,7 @@ def run(args) -> dict:
         baseline["eval_n"] if args.record_n == args.eval_n else cfg_baseline(ev_rec, base.model, device)
     )
     base.model.cpu()
+    save_document(out, args, ev_rec, device, None, baseline, [], t_start, complete=False)
     # seconds per evaluated image without guidance (a guided image costs two), measured on the baseline
     images = sum(
         (1 if s == 1 else 2) * b["n"]
@@ -232,11 +234,34 @@ def run(args) -> dict:
             entry["best_record"] = record_eval(ev_rec, run_dir / "best", device)
         entry["seconds"] = time.perf_counter() - t0
         runs.append(entry)
+        save_document(out, args, ev_rec, device, per_image, baseline, runs, t_start, complete=False)
         print(
             f"  {result.iteration} iterations ({result.stopped_by}); best {result.best}; final record "
             f"judge {entry['final_record']['judge_accuracy']:.3f} fd {entry['final_record']['fd']:.3f}",
             flush=True,
         )
+    doc = save_document(out, args, ev_rec, device, per_image, baseline, runs, t_start, complete=True)
+    goals = doc["goals"]
+    try:
+        plot_frontier(doc, out / "frontier.png")
+        plot_judge_vs_reward(doc, out / "judge_vs_reward.png")
+    except ImportError as err:  # the numbers are saved; the plots can be drawn elsewhere
+        print(f"no plots ({err}): run `python scripts/nft_gpu.py plot {out}` where matplotlib is installed")
+    print(
+        f"goals: {goals}\nwrote {out / 'nft_gpu.json'}, frontier.png, judge_vs_reward.png "
+        f"({doc['seconds']:.0f} s)",
+        flush=True,
+    )
+    return doc
+
+
+def save_document(out: Path, args, ev_rec, device: str, per_image, baseline: dict, runs: list, t_start: float,
+                  complete: bool) -> dict:
+    """``nft_gpu.json`` with what is measured so far (written after the baseline and after every run, so a
+    command stopped by its time limit keeps them; ``complete`` is true only at the end) and the goals of
+    the runs finished so far."""
+    from difftools.rl.evaluation import beyond_frontier
+
     frontier = [(b["judge_accuracy"], b["fd"]) for b in baseline["record_n"]]
     base_rec = baseline["record_n"][0]  # CFG scale 1 = no guidance
     points = [
@@ -254,6 +279,7 @@ def run(args) -> dict:
     }
     doc = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "complete": complete,
         "metric": ev_rec.metric,
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
@@ -263,17 +289,7 @@ def run(args) -> dict:
         "goals": goals,
         "seconds": time.perf_counter() - t_start,
     }
-    (out / "nft_gpu.json").write_text(json.dumps(doc, indent=1))
-    try:
-        plot_frontier(doc, out / "frontier.png")
-        plot_judge_vs_reward(doc, out / "judge_vs_reward.png")
-    except ImportError as err:  # the numbers are saved; the plots can be drawn elsewhere
-        print(f"no plots ({err}): run `python scripts/nft_gpu.py plot {out}` where matplotlib is installed")
-    print(
-        f"goals: {goals}\nwrote {out / 'nft_gpu.json'}, frontier.png, judge_vs_reward.png "
-        f"({doc['seconds']:.0f} s)",
-        flush=True,
-    )
+    write_text_atomic(out / "nft_gpu.json", json.dumps(doc, indent=1))
     return doc
 
 
@@ -373,14 +389,18 @@ def replot(args) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------ reference statistics
 def reference(args) -> Path:
+    """Mean and covariance of the split's features. The feature rows (for KID) are left out: the held-out
+    evaluation never computes KID, and without them the file is 0.3 MB instead of 8 MB (192 judge
+    features), which keeps it within the device's 64 MiB carry beside the CIFAR-10 training split."""
     from difftools.data import build_dataset
     from difftools.metrics import build_extractor, compute_stats
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     ds = build_dataset(args.data, split=args.split, image_size=args.image_size)
     stats = compute_stats(ds.images, build_extractor(args.features, device=device))
-    path = stats.save(args.out)
-    print(json.dumps({"reference": str(path), "n": stats.n, "features": stats.extractor}))
+    path = stats.save(args.out, features=False)
+    print(json.dumps({"reference": str(path), "n": stats.n, "features": stats.extractor,
+                      "bytes": path.stat().st_size}))
     return path
 
 

@@ -64,3 +64,23 @@ def test_checkpoint_and_reference_file(tmp_path):
     with pytest.raises(ValueError, match="other.npz holds statistics of features 'inception_v3_other'"):
         mod.main(["--smoke", "--ckpt", str(ckpt), "--reference", str(tmp_path / "other.npz"),
                   "--out", str(tmp_path / "out2")])
+
+
+def test_rows_are_saved_as_they_finish(tmp_path, monkeypatch):
+    """A run killed mid-table (the device's time limit) leaves every finished row on disk."""
+    mod = load_script()
+    real_score, calls = mod.score, []
+
+    def score_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("time limit")
+        return real_score(*a, **k)
+
+    monkeypatch.setattr(mod, "score", score_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "langevin_dualfast.json").read_text())
+    assert [r["label"] for r in saved["rows"]] == ["dpmpp_2m", "dpmpp_2m + first-order Langevin (0.1)"]
+    assert saved["protocol"]["rows_planned"] == 5
+    assert "| langevin | NFE 8 |" in (tmp_path / "langevin_dualfast.md").read_text()

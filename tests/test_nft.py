@@ -851,6 +851,7 @@ def test_gpu_experiment_script_smoke(tiny_setup, judge_setup, tmp_path):
     written, expected = Stats.load(ref_out), Stats.load(reference)  # the digits train split, judge features
     assert written.n == expected.n == len(build_dataset("digits", split="train"))
     assert torch.allclose(torch.as_tensor(written.mu), torch.as_tensor(expected.mu))
+    assert written.feats is None and expected.feats is not None  # mean and covariance only: small to carry
     doc = script.main(["run", "--smoke", "--base", str(base), "--reward-clf", str(clf), "--judge-clf",
                        str(judge),
                        "--reference", str(ref_out), "--out", str(tmp_path / "exp")])
@@ -869,3 +870,32 @@ def test_gpu_experiment_script_smoke(tiny_setup, judge_setup, tmp_path):
     assert (tmp_path / "exp" / "judge_vs_reward.png").stat().st_size > 10_000
     (tmp_path / "exp" / "frontier.png").unlink()
     assert script.main(["plot", str(tmp_path / "exp")])[0].stat().st_size > 10_000
+
+
+def test_gpu_experiment_script_saves_as_it_goes(tiny_setup, judge_setup, tmp_path, monkeypatch):
+    """A command stopped by the device's time limit during the second NFT run keeps the CFG baseline and
+    the first run in nft_gpu.json, marked incomplete."""
+    spec = importlib.util.spec_from_file_location("nft_gpu", REPO / "scripts" / "nft_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root, base, clf = tiny_setup
+    judge, reference = judge_setup
+    import difftools.rl.recipe as recipe
+
+    real_run_nft, calls = recipe.run_nft, []
+
+    def run_nft_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("time limit")
+        return real_run_nft(*a, **k)
+
+    monkeypatch.setattr(recipe, "run_nft", run_nft_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["run", "--smoke", "--base", str(base), "--reward-clf", str(clf), "--judge-clf",
+                     str(judge), "--reference", str(reference), "--out", str(tmp_path / "exp")])
+    saved = json.loads((tmp_path / "exp" / "nft_gpu.json").read_text())
+    assert saved["complete"] is False
+    assert [b["cfg_scale"] for b in saved["baseline"]["record_n"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert [r["name"] for r in saved["runs"]] == ["w0.0001_s0"]
+    assert saved["runs"][0]["final_record"]["n"] == 20

@@ -20,10 +20,11 @@ HYDRA_SCRIPTS = {"scripts/sample.py": "sample"}
 
 
 def normalise(rest: str) -> list[str]:
-    """A documented command line as argv: up to its closing backtick, a shell ``;`` or a ``# comment``;
-    a usage synopsis made concrete: ``<placeholder>`` -> one word, ``[--opt v]`` -> ``--opt v``,
-    ``a|b`` -> ``a``, a shell variable (``$OUT``, a loop's ``$s``) -> ``1``."""
-    rest = re.split(r"\s#|;", rest.split("`")[0])[0]
+    """A documented command line as argv: up to its closing backtick, a shell ``;``, ``&&``, ``||``,
+    pipe or redirection, or a ``# comment``; a usage synopsis made concrete: ``<placeholder>`` -> one
+    word, ``[--opt v]`` -> ``--opt v``, ``a|b`` -> ``a``, a shell variable (``$OUT``, a loop's ``$s``)
+    -> ``1``."""
+    rest = re.split(r"\s#|;|\s&&|\s\|\|?\s|\s\d?>", rest.split("`")[0])[0]
     rest = re.sub(r"<[^>]*>", "PLACEHOLDER", rest)
     rest = re.sub(r"\[(--[^\]]*)\]", r"\1", rest)
     rest = re.sub(r"\$\w+", "1", rest)
@@ -82,3 +83,13 @@ def test_documented_commands_parse(script):
             mod.parse_args(argv)
         except SystemExit as err:
             pytest.fail(f"{where}: `python {script} {shlex.join(argv)}` no longer parses (exit {err.code})")
+
+
+def test_a_command_ends_at_shell_operators():
+    """docs/gpu_runbook.md chains commands (`&& tar ...`, `|| exit 1`, `> log 2>&1`): only the script's own
+    arguments are parsed."""
+    assert normalise(" --n 5 --out $OUT/x && tar -czf $OUT/x.tgz -C runs x") == ["--n", "5", "--out", "1/x"]
+    assert normalise(" --cuda --paths a b || exit 1") == ["--cuda", "--paths", "a", "b"]
+    assert normalise(" --steps 3 > runs/log.txt 2>&1; tar") == ["--steps", "3"]
+    assert normalise(" --steps 3 2>&1 | tee log") == ["--steps", "3"]
+    assert normalise(" --features classifier|inception") == ["--features", "classifier"]
