@@ -203,7 +203,9 @@ def test_no_user_facing_text_points_at_the_development_layout():
             for line, text in _string_literals(path):
                 hits += _hits(f"{path.relative_to(REPO)}:{line}", text)
     texts = [REPO / "README.md", *sorted((REPO / "conf").rglob("*.yaml"))]
-    texts += sorted((REPO / "docs").glob("*.md"))
+    # docs/gpu_runbook.md is the developers' page for this repository's own GPU machine, where the
+    # development folders are what a call carries or leaves behind
+    texts += sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "gpu_runbook.md")
     for path in texts:
         for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             # docs may cite the development checkpoint a measurement was made on (../shared/models)
