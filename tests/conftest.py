@@ -42,3 +42,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA} (set DIFFTOOLS_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def isolated_engine():
+    """One torch thread (CI has 2 shared cores) and a fresh accelerate state before and after the
+    test: ``AcceleratorState`` is a process-wide singleton that refuses a second device or precision."""
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)

@@ -45,14 +45,8 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 @pytest.fixture(autouse=True)
-def _isolated():
-    """One torch thread and a fresh accelerate state per test (as tests/test_training.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(n)
+def _isolated(isolated_engine):
+    """Every test of this file runs isolated (tests/conftest.py)."""
 
 
 def small_dit(depth: int = 3, hidden: int = 32, seed: int = 0, live: bool = False) -> DiT:

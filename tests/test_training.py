@@ -29,17 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _isolated():
-    """One torch thread (speed on the shared 2-core box) and a fresh accelerate state per test
-    (AcceleratorState is a process-wide singleton that refuses a second device/precision)."""
-    from accelerate.state import AcceleratorState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(n)
+def _isolated(isolated_engine):
+    """Every test of this file runs isolated (tests/conftest.py)."""
 
 
 def tiny_dit(seed: int = 0) -> DiT:
