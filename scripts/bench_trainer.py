@@ -61,7 +61,7 @@ class _Records:
         self.records.append(record)
 
     def close(self) -> None:
-        pass
+        """Nothing to flush: the records stay in memory."""
 
 
 def parse_args(argv=None):

@@ -35,6 +35,7 @@ functions (``samplers.search``, ``difftools.metrics``); this file only wires the
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import math
@@ -62,7 +63,7 @@ GRIDS = ("logsnr", "uniform_t", "karras")
 
 
 # ----------------------------------------------------------------------------------------- tasks
-class Task:
+class Task(abc.ABC):
     """A model to sample from, its noise sets and its score (lower is better)."""
 
     name: str = ""
@@ -71,12 +72,13 @@ class Task:
     device = torch.device("cpu")
     x0_mean = None
 
+    @abc.abstractmethod
     def inputs(self, seed: int, n: int) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """The noise set ``[seed, i]``, i < n, and its conditioning (e.g. labels i mod classes)."""
 
+    @abc.abstractmethod
     def scorer(self, x_T: torch.Tensor, cond: dict):
         """``score(samples) -> float`` for samples drawn from this noise set."""
-        raise NotImplementedError
 
     def accuracy(self, samples: torch.Tensor, cond: dict) -> float | None:
         return None

@@ -117,7 +117,7 @@ PRESETS = {
 
 
 class _OutOfTime(Exception):
-    pass
+    """The experiment's time budget ran out mid-stage (caught by the runner, which saves and stops)."""
 
 
 class _Budget:

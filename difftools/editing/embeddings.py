@@ -23,6 +23,7 @@ Both start at the null ("empty prompt") row, expose ``vectors()`` [K, D] (what t
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -50,7 +51,7 @@ def _names_targets(names, targets) -> tuple[list[str], list[int]]:
     return names, targets
 
 
-class _Rows(nn.Module):
+class _Rows(nn.Module, abc.ABC):
     """What both slots share: one row per attribute value, its name and its classifier class."""
 
     slot = ""
@@ -59,9 +60,9 @@ class _Rows(nn.Module):
         super().__init__()
         self.names, self.targets = _names_targets(names, targets)
 
+    @abc.abstractmethod
     def vectors(self) -> torch.Tensor:
         """The K conditioning vectors [K, D] (differentiable in the trained parameters)."""
-        raise NotImplementedError
 
     @property
     def dim(self) -> int:
