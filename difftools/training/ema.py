@@ -37,9 +37,9 @@ class EMA:
         """d_n for the n-th update (n counted from 0)."""
         return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> float:
-        d = self.decay_at(self.num_updates)
+    def _pair_floats(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadow, model) float tensor lists in the shadow's order, the model's cast to the shadow's
+        dtype; non-float buffers (e.g. counters) are copied over as they are."""
         state = model.state_dict()
         floats_ema, floats_new = [], []
         for k, v in self.shadow.items():
@@ -49,6 +49,12 @@ class EMA:
                 floats_new.append(src.to(v.dtype))
             else:
                 v.copy_(src)
+        return floats_ema, floats_new
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> float:
+        d = self.decay_at(self.num_updates)
+        floats_ema, floats_new = self._pair_floats(model)
         if floats_ema:
             # ema + (1 - d) (new - ema) == d ema + (1 - d) new, fused over all tensors
             torch._foreach_lerp_(floats_ema, floats_new, 1.0 - d)
@@ -61,15 +67,7 @@ class EMA:
         to the caller: the form a CUDA graph can hold (a Python scalar would be baked into the
         graph). ema + w (new - ema) in three fused passes (``_foreach_sub / mul_ / add_``); it
         matches :meth:`update`'s ``lerp`` to fp32 round-off (lerp may contract to one FMA)."""
-        state = model.state_dict()
-        floats_ema, floats_new = [], []
-        for k, v in self.shadow.items():
-            src = state[k].detach()
-            if v.is_floating_point():
-                floats_ema.append(v)
-                floats_new.append(src.to(v.dtype))
-            else:
-                v.copy_(src)
+        floats_ema, floats_new = self._pair_floats(model)
         if floats_ema:
             diff = torch._foreach_sub(floats_new, floats_ema)
             torch._foreach_mul_(diff, weight)
