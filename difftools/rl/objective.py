@@ -473,16 +473,13 @@ class NFTObjective(Objective):
             step, acc, fd_value = state["best"].tolist()
             self.best = {"step": int(step), "judge_accuracy": acc, "fd": fd_value}
 
+    def _checkpoint_node(self) -> dict:
+        """What every checkpoint of this run records besides its weights and step."""
+        return dict(kind=self.kind, process=self.process, prediction=self.prediction,
+                    autoencoder=self.autoencoder, dataset_info=self.dataset_info)
+
     def checkpoint_meta(self, step: int) -> dict:
-        return ckpt_io.checkpoint_meta(
-            self.model,
-            kind=self.kind,
-            process=self.process,
-            prediction=self.prediction,
-            autoencoder=self.autoencoder,
-            dataset_info=self.dataset_info,
-            step=step,
-        )
+        return ckpt_io.checkpoint_meta(self.model, step=step, **self._checkpoint_node())
 
     # ------------------------------------------------------------------ previews and evaluation
     def preview(self, ema_model, step: int, samples_dir: Path) -> Path | None:
@@ -539,13 +536,9 @@ class NFTObjective(Objective):
             path,
             ema_model,
             config=config,
-            kind=self.kind,
-            process=self.process,
-            prediction=self.prediction,
-            autoencoder=self.autoencoder,
-            dataset_info=self.dataset_info,
             step=step,
             update_latest=False,
+            **self._checkpoint_node(),
         )
         return path
 
