@@ -203,14 +203,16 @@ def test_launcher_keeps_nvlink_multicast_off_in_every_process(tmp_path):
         "code = 'import json, os; print(json.dumps({k: os.environ.get(k) for k in %r}))' % (keys,)\n"
         "out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True).stdout\n"
         "child = json.loads(out)\n"
-        "print('PROBE', json.dumps({'rank': os.environ['RANK'], 'self': {k: os.environ.get(k) for k in keys},"
-        " 'child': child}))\n")
+        # one file per rank: two ranks printing to one pipe can interleave their lines
+        "report = {'rank': os.environ['RANK'], 'self': {k: os.environ.get(k) for k in keys},"
+        " 'child': child}\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'probe_' + os.environ['RANK'] + '.json'), 'w')"
+        ".write(json.dumps(report))\n")
     with pytest.MonkeyPatch.context() as mp:
         for k in NVLS:
             mp.delenv(k, raising=False)
-        proc = launch("ddp_2gpu.yaml", [str(probe)], env={"NCCL_NVLS_ENABLE": "1"})
-    reports = [json.loads(line.split("PROBE ", 1)[1]) for line in proc.stdout.splitlines()
-               if "PROBE " in line]
+        launch("ddp_2gpu.yaml", [str(probe)], env={"NCCL_NVLS_ENABLE": "1"})
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("probe_*.json"))]
     assert sorted(r["rank"] for r in reports) == ["0", "1"]
     for r in reports:
         assert r["self"] == NVLS_OFF and r["child"] == NVLS_OFF
